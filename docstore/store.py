@@ -1,0 +1,301 @@
+"""The `DocumentStore` contract and the input validation every store shares."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
+from datetime import timedelta
+from types import TracebackType
+from typing import Any
+
+from .document import Document
+from .errors import InvalidDocument, InvalidQuery
+
+__all__ = [
+    "DocumentStore",
+    "Filters",
+    "OrderBy",
+    "Ttl",
+    "DEFAULT_MAX_DOCUMENT_BYTES",
+    "MAX_NAME_LENGTH",
+    "check_name",
+    "check_ttl",
+    "encode_data",
+    "decode_json",
+]
+
+DEFAULT_MAX_DOCUMENT_BYTES = 1_048_576
+MAX_NAME_LENGTH = 255
+_INT64_MIN = -(2**63)
+_INT64_MAX = 2**63 - 1
+
+Filters = Mapping[str, Any]
+OrderBy = str | Sequence[str]
+Ttl = int | float | timedelta
+
+
+def check_name(kind: str, value: object) -> str:
+    """Return `value` if it is a usable collection name or id, else raise InvalidDocument."""
+    if not isinstance(value, str):
+        raise InvalidDocument(f"{kind} must be a str, not {type(value).__name__}")
+    if not value:
+        raise InvalidDocument(f"{kind} must not be empty")
+    if len(value) > MAX_NAME_LENGTH:
+        raise InvalidDocument(f"{kind} is longer than {MAX_NAME_LENGTH} characters")
+    if "\x00" in value:
+        raise InvalidDocument(f"{kind} must not contain NUL characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidDocument(f"{kind} is not valid Unicode") from exc
+    return value
+
+
+def check_ttl(ttl: object) -> float | None:
+    """Return the ttl in seconds (None for no expiry), or raise InvalidDocument."""
+    if ttl is None:
+        return None
+    if isinstance(ttl, timedelta):
+        seconds = ttl.total_seconds()
+    elif isinstance(ttl, int | float) and not isinstance(ttl, bool):
+        seconds = float(ttl)
+    else:
+        raise InvalidDocument(f"ttl must be a number of seconds or a timedelta, not {ttl!r}")
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise InvalidDocument(f"ttl must be positive and finite, not {ttl!r}")
+    return seconds
+
+
+def _check_value(value: object, where: str, depth: int = 0) -> None:
+    # An explicit walk instead of json.dumps' own checks: it names the offending
+    # place, and it refuses what json.dumps would silently accept (huge ints, NUL).
+    if depth > 500:
+        raise InvalidDocument(f"{where}: nested too deeply")
+    if value is None or isinstance(value, bool):
+        return
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise InvalidDocument(f"{where}: strings must not contain NUL characters")
+        return
+    if isinstance(value, int):
+        if not _INT64_MIN <= value <= _INT64_MAX:
+            raise InvalidDocument(f"{where}: integer outside the signed 64-bit range")
+        return
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise InvalidDocument(f"{where}: NaN and infinite floats are not JSON")
+        return
+    if isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            _check_value(item, f"{where}[{index}]", depth + 1)
+        return
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise InvalidDocument(f"{where}: keys must be str, not {type(key).__name__}")
+            if "\x00" in key:
+                raise InvalidDocument(f"{where}: keys must not contain NUL characters")
+            _check_value(item, f"{where}.{key}", depth + 1)
+        return
+    raise InvalidDocument(f"{where}: {type(value).__name__} is not a JSON value")
+
+
+def check_json_value(value: object, where: str) -> None:
+    """Raise InvalidDocument unless `value` is storable JSON (used for query operands too)."""
+    _check_value(value, where)
+
+
+def encode_data(data: object, max_bytes: int, *, reserve: int = 0) -> str:
+    """Validate document data and return its compact JSON text.
+
+    `reserve` counts bytes the store will add to the document itself (the
+    `parent` and `seq` of an appended child) against `max_bytes`.
+    """
+    if not isinstance(data, dict):
+        raise InvalidDocument(f"data must be a dict, not {type(data).__name__}")
+    _check_value(data, "data")
+    text = json.dumps(data, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError as exc:
+        raise InvalidDocument(f"data holds a string that is not valid Unicode: {exc}") from exc
+    if size + reserve > max_bytes:
+        raise InvalidDocument(
+            f"document is {size + reserve} bytes, more than the limit of {max_bytes}"
+        )
+    return text
+
+
+def _parse_int(text: str) -> int | float:
+    # Numbers beyond 64 bits come back as floats, from every store alike.
+    number = int(text)
+    if _INT64_MIN <= number <= _INT64_MAX:
+        return number
+    return float(number)
+
+
+_EXACT_DECODER = json.JSONDecoder(parse_int=_parse_int)
+# Only a run of 19+ digits can be an integer beyond 64 bits; most documents have
+# none and take json's fast path.
+_LONG_DIGIT_RUN = re.compile(r"[0-9]{19}")
+
+
+def decode_json(text: str) -> Any:
+    """Decode JSON as every store returns it (ints beyond 64 bits become floats)."""
+    if _LONG_DIGIT_RUN.search(text) is None:
+        return json.loads(text)
+    return _EXACT_DECODER.decode(text)
+
+
+class DocumentStore(ABC):
+    """A JSON document store: every implementation behaves the same (see API.md)."""
+
+    @abstractmethod
+    def create(
+        self,
+        collection: str,
+        data: dict[str, Any],
+        *,
+        id: str | None = None,
+        ttl: Ttl | None = None,
+    ) -> Document:
+        """Create a document; raise DocumentExists when the id is taken by a live one."""
+
+    @abstractmethod
+    def read(self, collection: str, id: str) -> Document | None:
+        """Return the live document, or None."""
+
+    @abstractmethod
+    def update(
+        self,
+        collection: str,
+        id: str,
+        data: dict[str, Any],
+        *,
+        expected_version: int | None = None,
+        ttl: Ttl | None = None,
+    ) -> Document | None:
+        """Shallow-merge `data` into the document; None when it is missing."""
+
+    @abstractmethod
+    def replace(
+        self,
+        collection: str,
+        id: str,
+        data: dict[str, Any],
+        *,
+        expected_version: int | None = None,
+        ttl: Ttl | None = None,
+    ) -> Document | None:
+        """Replace the document's data; None when it is missing."""
+
+    @abstractmethod
+    def upsert(
+        self, collection: str, id: str, data: dict[str, Any], *, ttl: Ttl | None = None
+    ) -> Document:
+        """Create the document, or shallow-merge into it, in one atomic step."""
+
+    @abstractmethod
+    def delete(self, collection: str, id: str, *, expected_version: int | None = None) -> bool:
+        """Delete the document; True if a live one was deleted."""
+
+    @abstractmethod
+    def query(
+        self,
+        collection: str,
+        filters: Filters | None = None,
+        *,
+        limit: int | None = 100,
+        offset: int = 0,
+        order_by: OrderBy | None = None,
+        after: Document | None = None,
+    ) -> list[Document]:
+        """Return the live documents matching `filters`, in a deterministic order.
+
+        `after` (keyset paging) is the last document of the previous page: the
+        page starts strictly after it. It needs an order_by on created_at,
+        updated_at and/or id only.
+        """
+
+    @abstractmethod
+    def count(self, collection: str, filters: Filters | None = None) -> int:
+        """Count the live documents matching `filters`."""
+
+    @abstractmethod
+    def list_collections(self) -> list[str]:
+        """Return the names of collections holding a live document, sorted by code point."""
+
+    @abstractmethod
+    def delete_collection(self, collection: str) -> bool:
+        """Delete every document of the collection; True if it held a live one."""
+
+    @abstractmethod
+    def ensure_index(
+        self, collection: str, paths: str | Sequence[str], *, unique: bool = False
+    ) -> None:
+        """Index one field path, or several in order; idempotent."""
+
+    @abstractmethod
+    def append(
+        self,
+        collection: str,
+        data: dict[str, Any],
+        *,
+        parent: tuple[str, str],
+        id: str | None = None,
+        ttl: Ttl | None = None,
+        parent_ttl: Ttl | None = None,
+    ) -> tuple[Document, Document] | None:
+        """Add a child with the parent's next `seq`, bumping the parent; None if it is missing.
+
+        `parent_ttl`, when given, also sets the parent's expiry to now + parent_ttl
+        in the same step (sliding expiry of a conversation's owner).
+        """
+
+    @abstractmethod
+    def rename(
+        self, collection: str, id: str, new_id: str, *, expected_version: int | None = None
+    ) -> Document | None:
+        """Move a live document to `new_id` atomically (version + 1, data, expiry and
+        append counter kept); None when it is missing, DocumentExists if `new_id` is live."""
+
+    @abstractmethod
+    def delete_many(self, collection: str, filters: Filters) -> int:
+        """Delete every matching document; return how many."""
+
+    @abstractmethod
+    def transaction(self) -> AbstractContextManager[None]:
+        """Group the calls made in this thread inside the block into one transaction."""
+
+    @abstractmethod
+    def purge_expired(self, collection: str | None = None, *, batch_size: int = 1000) -> int:
+        """Delete expired documents in batches; return how many."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release connections."""
+
+    def __enter__(self) -> DocumentStore:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def iter_paths(paths: object) -> Iterator[str]:
+    """Yield the field paths of an `ensure_index` argument (validated by the caller)."""
+    if isinstance(paths, str):
+        yield paths
+    elif isinstance(paths, list | tuple):
+        yield from paths
+    else:
+        raise InvalidQuery(f"paths must be a field path or a list of them, not {paths!r}")

@@ -1,0 +1,24 @@
+"""Write-through cached session store: PostgreSQL documents, Redis hot copies."""
+
+from .config import get_session_store
+from .errors import (
+    InvalidSessionData,
+    SessionError,
+    SessionNotFound,
+    StoreUnavailable,
+    VersionConflict,
+)
+from .models import Message, Session
+from .store import SessionStore
+
+__all__ = [
+    "SessionStore",
+    "Session",
+    "Message",
+    "get_session_store",
+    "SessionError",
+    "SessionNotFound",
+    "VersionConflict",
+    "InvalidSessionData",
+    "StoreUnavailable",
+]

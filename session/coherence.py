@@ -1,0 +1,499 @@
+"""The cache coherence protocol: key names, Lua scripts, and what each reply means.
+
+Nothing here performs I/O. `store.SessionStore` runs these scripts with a
+`redis.Redis` client; an asyncio store can run the same scripts with
+`redis.asyncio` and share every rule below. See docs/session.md for why the
+protocol never serves a version older than one a write has returned.
+
+In short (memcache leases plus version fencing):
+
+* every cached value carries the PostgreSQL version it was read at (for the
+  message tail: the seq of its last message), the fencing token;
+* a reader that misses takes a fill lease (`SET NX PX`) *before* it reads
+  PostgreSQL and installs what it read only if the lease is still its own and
+  no newer value is cached (`FILL_SESSION`, `FILL_TAIL`);
+* a writer, after COMMIT, replaces a cached value only if one is present
+  with an older version and deletes the fill leases (`WRITE_SESSION`,
+  `WRITE_MESSAGE`), so a fill that read PostgreSQL before the commit cannot
+  land; a writer never installs into an absent key;
+* a delete leaves a tombstone (`INVALIDATE`), which no fill replaces;
+* all keys of a session share one hash tag, so every script touches a single
+  Redis Cluster slot.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from enum import IntEnum
+
+from .serializer import FORMAT_VERSION, TOMBSTONE
+
+__all__ = [
+    "namespaced_source",
+    "glob_escape",
+    "SessionKeys",
+    "session_keys",
+    "new_lease_token",
+    "cache_px",
+    "SessionRead",
+    "TailRead",
+    "ReadReply",
+    "read_args",
+    "parse_read_reply",
+    "FillResult",
+    "parse_fill_reply",
+    "MessageWindow",
+    "lease_wait_delays",
+    "READ",
+    "FILL_SESSION",
+    "FILL_TAIL",
+    "WRITE_SESSION",
+    "WRITE_MESSAGE",
+    "INVALIDATE",
+    "SCRIPTS",
+    "NO_VALUE",
+    "ProtocolError",
+    "is_contiguous",
+]
+
+# ARGV placeholder for "no number"/"no value"; Lua cannot pass nil inside ARGV.
+NO_VALUE = -1
+
+
+@dataclass(frozen=True)
+class SessionKeys:
+    """The Redis keys of one session; they share the hash tag `{session id}`."""
+
+    value: str  # the encoded session, or a tombstone
+    lease: str  # fill lease for `value`
+    tail: str  # list of the newest encoded messages, oldest first
+    fence: str  # seq of the tail's last message (the conversation's last seq)
+    tail_lease: str  # fill lease for `tail` and `fence`
+
+    def all(self) -> tuple[str, str, str, str, str]:
+        """Return every key, in the KEYS order the scripts expect."""
+        return (self.value, self.lease, self.tail, self.fence, self.tail_lease)
+
+
+def session_keys(key_prefix: str, session_id: str) -> SessionKeys:
+    """Return the keys of a session.
+
+    The session id is the hash tag: Redis Cluster hashes only what lies
+    between the first `{` and the next `}`, which every key below shares.
+    """
+    base = f"{key_prefix}{{{session_id}}}"
+    return SessionKeys(
+        value=f"{base}:s",
+        lease=f"{base}:s:lease",
+        tail=f"{base}:m",
+        fence=f"{base}:m:seq",
+        tail_lease=f"{base}:m:lease",
+    )
+
+
+def new_lease_token() -> str:
+    """Return a fill-lease token no other reader can hold."""
+    return secrets.token_hex(16)
+
+
+def cache_px(expires_at_us: int | None, now_us: int, cache_ttl: float) -> int | None:
+    """Return how many milliseconds a value may live in Redis; None if it must not be cached.
+
+    Never longer than `cache_ttl`, never past the session's own expiry.
+    """
+    px = int(cache_ttl * 1000)
+    if expires_at_us is not None:
+        px = min(px, (expires_at_us - now_us) // 1000)
+    return px if px >= 1 else None
+
+
+# --- Lua -------------------------------------------------------------------
+
+# Read the integer in the second slot of a msgpack array [FORMAT_VERSION, n, ...]
+# without decoding the rest: a session's version, a message's seq. Anything
+# else (garbage, another format, a tombstone) gives nil, which no rule treats
+# as older than a real version.
+VERSION_OF_LUA = f"""
+local FORMAT_VERSION = {FORMAT_VERSION}
+local INT_WIDTH = {{[0xcc] = 1, [0xcd] = 2, [0xce] = 4, [0xcf] = 8}}
+local function version_of(value)
+  if type(value) ~= 'string' or #value < 3 then return nil end
+  local head = string.byte(value, 1)
+  if head < 0x92 or head > 0x9f or string.byte(value, 2) ~= FORMAT_VERSION then
+    return nil
+  end
+  local tag = string.byte(value, 3)
+  if tag <= 0x7f then return tag end
+  local width = INT_WIDTH[tag]
+  if width == nil or #value < 3 + width then return nil end
+  local number = 0
+  for i = 4, 3 + width do number = number * 256 + string.byte(value, i) end
+  return number
+end
+-- GET that reports a key of the wrong type as `false, true` instead of failing.
+local function get_checked(key)
+  local value = redis.pcall('GET', key)
+  if type(value) == 'table' then return false, true end
+  return value, false
+end
+-- Replace the cached session only if one is present with an older version.
+local function replace_if_older(key, value, version, px)
+  local current = get_checked(key)
+  local cached = version_of(current)
+  if cached ~= nil and cached < version then
+    redis.call('SET', key, value, 'PX', px)
+    return 1
+  end
+  return 0
+end
+"""
+
+_TOMBSTONE_LUA = "".join(f"\\{byte}" for byte in TOMBSTONE)
+
+
+class SessionRead(IntEnum):
+    """What the READ script found for the session value."""
+
+    HIT = 1  # the value (or a tombstone) follows
+    LEASED = 2  # missing; this reader now holds the fill lease
+    BUSY = 3  # missing; another reader holds the fill lease
+    MISSING = 4  # missing; no lease was asked for
+
+
+class TailRead(IntEnum):
+    """What the READ script found for the message tail."""
+
+    NONE = 0  # not asked for, or the session was not a hit
+    HIT = 1  # the tail covers the request; the messages follow
+    LEASED = 2  # no tail; this reader now holds the tail's fill lease
+    BUSY = 3  # no tail; another reader is filling it
+    PARTIAL = 4  # a tail is cached but the request reaches older messages
+
+
+# KEYS: value, lease, tail, fence, tail_lease.
+# ARGV: 1 lease token, 2 lease ms, 3 value to drop ('' for none), 4 take the
+# session lease on a miss (0/1), 5 want the tail (0/1), 6 drop the tail (0/1),
+# 7 after_seq, 8 before_seq, 9 limit (NO_VALUE for none).
+# Reply: {session code, value or '', dropped (0/1), tail code, messages...}.
+READ = (
+    VERSION_OF_LUA
+    + f"""
+local TOMBSTONE = "{_TOMBSTONE_LUA}"
+local token, lease_ms = ARGV[1], ARGV[2]
+local dropped = 0
+local value, wrong_type = get_checked(KEYS[1])
+if wrong_type or value == '' or (ARGV[3] ~= '' and value == ARGV[3]) then
+  -- A value the client could not decode: drop it, then read as a miss.
+  redis.call('DEL', KEYS[1])
+  value, dropped = false, 1
+end
+if not value then
+  if ARGV[4] ~= '1' then return {{{SessionRead.MISSING}, '', dropped, 0}} end
+  if redis.call('SET', KEYS[2], token, 'NX', 'PX', lease_ms) then
+    return {{{SessionRead.LEASED}, '', dropped, 0}}
+  end
+  return {{{SessionRead.BUSY}, '', dropped, 0}}
+end
+if ARGV[5] ~= '1' or value == TOMBSTONE then
+  return {{{SessionRead.HIT}, value, dropped, 0}}
+end
+if ARGV[6] == '1' then
+  redis.call('DEL', KEYS[3], KEYS[4])
+  dropped = 1
+end
+local fence, fence_wrong = get_checked(KEYS[4])
+local length = redis.pcall('LLEN', KEYS[3])
+if fence_wrong or type(length) == 'table' or (fence and not tonumber(fence)) then
+  redis.call('DEL', KEYS[3], KEYS[4])
+  fence, length, dropped = false, 0, 1
+end
+if not fence then
+  if redis.call('SET', KEYS[5], token, 'NX', 'PX', lease_ms) then
+    return {{{SessionRead.HIT}, value, dropped, {TailRead.LEASED}}}
+  end
+  return {{{SessionRead.HIT}, value, dropped, {TailRead.BUSY}}}
+end
+-- The tail holds seqs first..last without gaps; last is the conversation's last seq.
+local last = tonumber(fence)
+local first = last - length + 1
+local after, before, limit = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
+local low, high = 1, last
+if after >= 0 then low = after + 1 end
+if before >= 0 and before - 1 < high then high = before - 1 end
+if limit >= 0 then
+  if after >= 0 then
+    if low + limit - 1 < high then high = low + limit - 1 end
+  elseif high - limit + 1 > low then
+    low = high - limit + 1
+  end
+end
+local reply = {{{SessionRead.HIT}, value, dropped, {TailRead.HIT}}}
+if low > high then return reply end
+if low < first then
+  return {{{SessionRead.HIT}, value, dropped, {TailRead.PARTIAL}}}
+end
+local messages = redis.call('LRANGE', KEYS[3], low - first, high - first)
+for i = 1, #messages do reply[4 + i] = messages[i] end
+return reply
+"""
+)
+
+# KEYS: value, lease. ARGV: 1 lease token, 2 value ('' only releases the
+# lease), 3 its version (0: a tombstone, installed only into an absent key), 4 px.
+# Reply: FillResult.
+FILL_SESSION = (
+    VERSION_OF_LUA
+    + """
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[2])
+if ARGV[2] == '' then return 0 end
+local current, wrong_type = get_checked(KEYS[1])
+if wrong_type then return -1 end
+if current then
+  local cached = version_of(current)
+  if cached == nil or cached >= tonumber(ARGV[3]) then return -1 end
+end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[4])
+return 1
+"""
+)
+
+# KEYS: tail, fence, tail_lease. ARGV: 1 lease token, 2 last seq (-1 only
+# releases the lease), 3 px, 4.. the encoded messages, oldest first.
+# Reply: FillResult.
+FILL_TAIL = """
+if redis.call('GET', KEYS[3]) ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[3])
+if tonumber(ARGV[2]) < 0 then return 0 end
+local fence = tonumber(redis.pcall('GET', KEYS[2]))
+if fence and fence >= tonumber(ARGV[2]) then return -1 end
+redis.call('DEL', KEYS[1])
+for i = 4, #ARGV do redis.call('RPUSH', KEYS[1], ARGV[i]) end
+if #ARGV >= 4 then redis.call('PEXPIRE', KEYS[1], ARGV[3]) end
+redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
+return 1
+"""
+
+# KEYS: value, lease. ARGV: 1 value, 2 its version, 3 px.
+# Reply: 1 if the cached value was replaced.
+WRITE_SESSION = (
+    VERSION_OF_LUA
+    + """
+local replaced = replace_if_older(KEYS[1], ARGV[1], tonumber(ARGV[2]), ARGV[3])
+redis.call('DEL', KEYS[2])
+return replaced
+"""
+)
+
+# KEYS: value, lease, tail, fence, tail_lease. ARGV: 1 session value, 2 its
+# version, 3 px, 4 encoded message, 5 its seq, 6 tail length limit.
+# Reply: 1 if the cached session was replaced.
+WRITE_MESSAGE = (
+    VERSION_OF_LUA
+    + """
+local replaced = replace_if_older(KEYS[1], ARGV[1], tonumber(ARGV[2]), ARGV[3])
+local seq = tonumber(ARGV[5])
+local fence = tonumber(redis.pcall('GET', KEYS[4]))
+if fence then
+  if fence == seq - 1 then
+    redis.call('RPUSH', KEYS[3], ARGV[4])
+    redis.call('LTRIM', KEYS[3], -tonumber(ARGV[6]), -1)
+    redis.call('PEXPIRE', KEYS[3], ARGV[3])
+    redis.call('SET', KEYS[4], ARGV[5], 'PX', ARGV[3])
+  elseif fence < seq - 1 then
+    -- Another append's update has not arrived yet; a tail with a gap is useless.
+    redis.call('DEL', KEYS[3], KEYS[4])
+  end
+end
+redis.call('DEL', KEYS[2], KEYS[5])
+return replaced
+"""
+)
+
+# KEYS: value, lease, tail, fence, tail_lease. ARGV: 1 tombstone ('' for a
+# plain delete), 2 its px.
+INVALIDATE = """
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5])
+if ARGV[1] ~= '' then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) end
+return 1
+"""
+
+
+def namespaced_source(source: str, key_prefix: str) -> str:
+    """Return a script's source tagged with the key prefix, so each namespace has its own SHA.
+
+    The store treats "Redis does not know my scripts" as "Redis restarted" and
+    then drops its namespace's keys; scripts shared by two namespaces would let
+    one tenant's reload hide the restart from the other.
+    """
+    return f"-- key_prefix {key_prefix.encode('utf-8', 'surrogatepass').hex()}\n{source}"
+
+
+def glob_escape(text: str) -> str:
+    """Return `text` with Redis glob metacharacters escaped, for SCAN MATCH."""
+    return "".join(f"\\{char}" if char in "*?[]\\^" else char for char in text)
+
+
+# Every script by name, as the store registers them.
+SCRIPTS = {
+    "READ": READ,
+    "FILL_SESSION": FILL_SESSION,
+    "FILL_TAIL": FILL_TAIL,
+    "WRITE_SESSION": WRITE_SESSION,
+    "WRITE_MESSAGE": WRITE_MESSAGE,
+    "INVALIDATE": INVALIDATE,
+}
+
+
+# --- replies ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MessageWindow:
+    """Which messages `get_messages` asked for, in the store's paging rules."""
+
+    after_seq: int | None = None
+    before_seq: int | None = None
+    limit: int | None = None
+
+    def bounds(self, last_seq: int) -> tuple[int, int]:
+        """Return the first and last seq wanted, given the conversation's last seq.
+
+        The same rule as the READ script's; an empty window has first > last.
+        """
+        low = 1 if self.after_seq is None else self.after_seq + 1
+        high = last_seq
+        if self.before_seq is not None:
+            high = min(high, self.before_seq - 1)
+        if self.limit is not None:
+            if self.after_seq is not None:
+                high = min(high, low + self.limit - 1)
+            else:
+                low = max(low, high - self.limit + 1)
+        return low, high
+
+    def seq_filter(self) -> dict[str, int]:
+        """Return the docstore operators that bound `seq` for this window."""
+        bounds: dict[str, int] = {}
+        if self.after_seq is not None:
+            bounds["$gt"] = self.after_seq
+        if self.before_seq is not None:
+            bounds["$lt"] = self.before_seq
+        return bounds
+
+    def newest_first(self) -> bool:
+        """Return True if the window is the newest N (read descending, then reversed)."""
+        return self.limit is not None and self.after_seq is None
+
+    def as_argv(self) -> tuple[int, int, int]:
+        """Return after_seq, before_seq, limit as READ's ARGV 7-9."""
+        return (
+            NO_VALUE if self.after_seq is None else self.after_seq,
+            NO_VALUE if self.before_seq is None else self.before_seq,
+            NO_VALUE if self.limit is None else self.limit,
+        )
+
+
+def read_args(
+    token: str,
+    lease_ms: int,
+    *,
+    drop_value: bytes = b"",
+    take_lease: bool = True,
+    window: MessageWindow | None = None,
+    drop_tail: bool = False,
+) -> list[object]:
+    """Return the ARGV of the READ script."""
+    after, before, limit = (window or MessageWindow()).as_argv()
+    return [
+        token,
+        lease_ms,
+        drop_value,
+        int(take_lease),
+        int(window is not None),
+        int(drop_tail),
+        after,
+        before,
+        limit,
+    ]
+
+
+@dataclass(frozen=True)
+class ReadReply:
+    """The READ script's reply, decoded into what the client must do next."""
+
+    session: SessionRead
+    value: bytes | None
+    dropped: bool
+    tail: TailRead
+    messages: tuple[bytes, ...]
+
+    @property
+    def is_tombstone(self) -> bool:
+        """Return True if the session was deleted (a cached tombstone)."""
+        return self.value == TOMBSTONE
+
+
+class ProtocolError(ValueError):
+    """A script replied with something the protocol never sends."""
+
+
+def _as_bytes(item: object) -> bytes:
+    if isinstance(item, bytes):
+        return item
+    raise ProtocolError(f"expected bytes in a script reply, got {type(item).__name__}")
+
+
+def parse_read_reply(reply: object) -> ReadReply:
+    """Return the meaning of a READ reply; raise ProtocolError if it has none."""
+    if not isinstance(reply, list) or len(reply) < 4:
+        raise ProtocolError("READ replies with a list of at least four items")
+    try:
+        session = SessionRead(reply[0])
+        tail = TailRead(reply[3])
+    except ValueError as exc:
+        raise ProtocolError(f"unknown READ codes {reply[0]!r}, {reply[3]!r}") from exc
+    value = _as_bytes(reply[1]) if session is SessionRead.HIT else None
+    return ReadReply(
+        session=session,
+        value=value,
+        dropped=reply[2] == 1,
+        tail=tail,
+        messages=tuple(_as_bytes(item) for item in reply[4:]),
+    )
+
+
+class FillResult(IntEnum):
+    """The outcome of FILL_SESSION / FILL_TAIL."""
+
+    INSTALLED = 1
+    LEASE_LOST = 0  # a writer (or an expiry) took the lease: what was read may be stale
+    NEWER_CACHED = -1  # a value at least as new is already cached
+
+
+def parse_fill_reply(reply: object) -> FillResult:
+    """Return the meaning of a fill script's reply."""
+    if not isinstance(reply, int):
+        raise ProtocolError(f"expected an integer fill reply, got {type(reply).__name__}")
+    try:
+        return FillResult(reply)
+    except ValueError as exc:
+        raise ProtocolError(f"unknown fill reply {reply!r}") from exc
+
+
+def lease_wait_delays(total: float, first: float = 0.002) -> Iterator[float]:
+    """Yield the pauses of a reader waiting for another reader's fill (doubling, capped)."""
+    waited = 0.0
+    delay = first
+    while waited < total:
+        step = min(delay, total - waited)
+        yield step
+        waited += step
+        delay *= 2
+
+
+def is_contiguous(seqs: Sequence[int]) -> bool:
+    """Return True if `seqs` are consecutive integers in ascending order."""
+    return all(later == earlier + 1 for earlier, later in zip(seqs, seqs[1:], strict=False))

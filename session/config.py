@@ -1,0 +1,162 @@
+"""Build a SessionStore from the environment: the docstore's URL variables and REDIS_URL."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import psycopg2
+import psycopg2.extensions
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from docstore import get_document_store
+from docstore.config import MEMORY_URL, URL_VARIABLES
+
+from .store import SessionStore
+
+__all__ = [
+    "get_session_store",
+    "redis_client_from_url",
+    "describe_backends",
+    "Backends",
+    "REDIS_VARIABLE",
+    "REDIS_SOCKET_TIMEOUT",
+]
+
+REDIS_VARIABLE = "REDIS_URL"
+
+# Redis serves in well under a millisecond; a chat turn must never wait on it
+# for long, so a slow Redis counts as a failing one.
+REDIS_SOCKET_TIMEOUT = 0.25
+
+
+def redis_client_from_url(url: str) -> redis.Redis:
+    """Return a client that fails fast: short timeouts and at most one retry."""
+    return redis.Redis.from_url(
+        url,
+        socket_timeout=REDIS_SOCKET_TIMEOUT,
+        socket_connect_timeout=REDIS_SOCKET_TIMEOUT,
+        # Retry a broken connection once (a pooled socket Redis closed), never a
+        # timeout: retrying a slow server only doubles the stall.
+        retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
+        health_check_interval=30,
+    )
+
+
+def _in_process_redis() -> redis.Redis:
+    try:
+        import fakeredis
+    except ImportError as exc:
+        raise RuntimeError(
+            "REDIS_URL is not set and fakeredis is not installed: set REDIS_URL to a Redis "
+            "server, or install fakeredis[lua] for an in-process cache"
+        ) from exc
+    client: redis.Redis = fakeredis.FakeRedis(server=fakeredis.FakeServer())
+    return client
+
+
+def get_session_store(
+    *,
+    docstore_url: str | None = None,
+    redis_url: str | None = None,
+    cache_ttl: float = 3600,
+    session_ttl: float | None = None,
+    key_prefix: str = "sess:",
+) -> SessionStore:
+    """Return a SessionStore that owns (and closes) the docstore and Redis client it builds.
+
+    The docstore comes from `docstore.get_document_store(docstore_url)`; the
+    cache from `redis_url`, else the environment variable `REDIS_URL`, else an
+    in-process fakeredis server (which needs the `fakeredis[lua]` package).
+    """
+    url = redis_url if redis_url is not None else os.environ.get(REDIS_VARIABLE) or None
+    cache = redis_client_from_url(url) if url else _in_process_redis()
+    try:
+        documents = get_document_store(docstore_url)
+    except BaseException:
+        cache.close()
+        raise
+    try:
+        return SessionStore(
+            documents,
+            cache,
+            cache_ttl=cache_ttl,
+            session_ttl=session_ttl,
+            key_prefix=key_prefix,
+            owns_docstore=True,
+            owns_cache=True,
+        )
+    except BaseException:
+        cache.close()
+        documents.close()
+        raise
+
+
+@dataclass(frozen=True)
+class Backends:
+    """What `get_session_store()` would connect to, described without secrets."""
+
+    docstore: str
+    cache: str
+    # The documents outlive this process (PostgreSQL, not memory://).
+    persistent: bool
+    # Another process reaches the same cache (a Redis server, not in-process fakeredis).
+    shared_cache: bool
+
+
+def describe_backends(*, docstore_url: str | None = None, redis_url: str | None = None) -> Backends:
+    """Describe the tiers `get_session_store` would use with these arguments and the environment.
+
+    Names the variable a setting came from and shows host, port and database,
+    never a password.
+    """
+    source = "docstore_url"
+    if docstore_url is None:
+        source, docstore_url = next(
+            ((name, os.environ[name]) for name in URL_VARIABLES if os.environ.get(name)),
+            ("", None),
+        )
+    if docstore_url is None:
+        from docstore.embedded import default_data_dir
+
+        documents = f"embedded PostgreSQL, data in {default_data_dir()}"
+    elif docstore_url.strip() == MEMORY_URL:
+        documents = f"in-memory store ({source}={MEMORY_URL}, nothing kept)"
+    else:
+        documents = f"PostgreSQL {_postgres_address(docstore_url)} (from {source})"
+    redis_source = "redis_url"
+    if redis_url is None:
+        redis_source, redis_url = REDIS_VARIABLE, os.environ.get(REDIS_VARIABLE) or None
+    if redis_url:
+        cache = f"Redis {_redis_address(redis_url)} (from {redis_source})"
+    else:
+        cache = "in-process fakeredis (empty at start, gone at exit)"
+    return Backends(
+        docstore=documents,
+        cache=cache,
+        persistent=docstore_url is None or docstore_url.strip() != MEMORY_URL,
+        shared_cache=bool(redis_url),
+    )
+
+
+def _postgres_address(dsn: str) -> str:
+    try:
+        parts = psycopg2.extensions.parse_dsn(dsn)
+    except psycopg2.Error:
+        return "(unparsable connection string)"
+    user = f"{parts['user']}@" if parts.get("user") else ""
+    host = parts.get("host") or "localhost"
+    port = f":{parts['port']}" if parts.get("port") else ""
+    return f"{user}{host}{port}/{parts.get('dbname', '')}"
+
+
+def _redis_address(url: str) -> str:
+    try:
+        parts = urlsplit(url)
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        return "(unparsable URL)"
+    return f"{parts.scheme}://{parts.hostname or 'localhost'}{port}{parts.path}"

@@ -1,0 +1,183 @@
+"""Pytest fixtures for code that uses `session`, installed with the package (`pytest11`).
+
+In-process, nothing to set up:
+
+- `docstore_memory`: a `MemoryDocumentStore`.
+- `fake_redis`: a `fakeredis.FakeRedis` on a server of its own (needs
+  `fakeredis[lua]`), so no two tests share a cache.
+- `session_store`: a `SessionStore` on those two.
+
+Real servers, named by the same variables `get_session_store()` reads:
+
+- `postgres_url` / `redis_server_url`: `$POSTGRES_CONNECTION_STRING` / `$REDIS_URL`.
+- `postgres_table`: a table name no other test uses (`t_<uuid hex>`).
+- `postgres_docstore`: a `PostgresDocumentStore` on `postgres_table`, dropped afterwards.
+- `session_key_prefix`: a Redis key prefix of its own (`t<hex>:`).
+- `real_redis`: the fail-fast client `get_session_store()` would build;
+  afterwards it deletes the keys under `session_key_prefix`, nothing else.
+- `real_session_store`: a `SessionStore` on `postgres_docstore` and `real_redis`.
+
+A test that needs a real server whose variable is unset is skipped with the
+reason, except when the environment variable `CI` is set: there it fails, so
+that a CI run cannot pass without having run it. Nothing is read from the
+environment or connected at import time; `session` and `docstore` are
+imported when a fixture first runs.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import pytest
+
+if TYPE_CHECKING:
+    import redis
+
+    from docstore import MemoryDocumentStore, PostgresDocumentStore
+    from session import SessionStore
+
+__all__ = [
+    "POSTGRES_VARIABLE",
+    "REDIS_VARIABLE",
+    "server_url",
+    "docstore_memory",
+    "fake_redis",
+    "session_store",
+    "postgres_url",
+    "redis_server_url",
+    "postgres_table",
+    "postgres_docstore",
+    "session_key_prefix",
+    "real_redis",
+    "real_session_store",
+]
+
+POSTGRES_VARIABLE = "POSTGRES_CONNECTION_STRING"
+REDIS_VARIABLE = "REDIS_URL"
+
+
+def server_url(variable: str, what: str) -> str:
+    """Return `$variable`; skip the test when it is unset, or fail it when `CI` is set."""
+    url = os.environ.get(variable)
+    if url:
+        return url
+    if os.environ.get("CI"):
+        pytest.fail(f"CI is set but {variable} is not: the tests that need {what} must run")
+    pytest.skip(f"{variable} is not set: no {what} to test against")
+
+
+# --------------------------------------------------------------------------- in-process
+
+
+@pytest.fixture
+def docstore_memory() -> Iterator[MemoryDocumentStore]:
+    """Return an empty in-memory document store."""
+    from docstore import MemoryDocumentStore
+
+    store = MemoryDocumentStore()
+    yield store
+    store.close()
+
+
+@pytest.fixture
+def fake_redis() -> Iterator[redis.Redis]:
+    """Return a fakeredis client on a server of its own (empty, private to the test)."""
+    fakeredis = pytest.importorskip("fakeredis", reason="fake_redis needs fakeredis[lua]")
+    client: redis.Redis = fakeredis.FakeRedis(server=fakeredis.FakeServer())
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def session_store(
+    docstore_memory: MemoryDocumentStore, fake_redis: redis.Redis
+) -> Iterator[SessionStore]:
+    """Return a SessionStore on `docstore_memory` and `fake_redis`."""
+    from session import SessionStore
+
+    store = SessionStore(docstore_memory, fake_redis)
+    yield store
+    store.close()
+
+
+# --------------------------------------------------------------------------- real servers
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> str:
+    """Return `$POSTGRES_CONNECTION_STRING` (skip, or fail under CI, when unset)."""
+    return server_url(POSTGRES_VARIABLE, "PostgreSQL server")
+
+
+@pytest.fixture(scope="session")
+def redis_server_url() -> str:
+    """Return `$REDIS_URL` (skip, or fail under CI, when unset)."""
+    return server_url(REDIS_VARIABLE, "Redis server")
+
+
+@pytest.fixture
+def postgres_table() -> str:
+    """Return a table name no other test uses."""
+    return f"t_{uuid.uuid4().hex}"
+
+
+@pytest.fixture
+def postgres_docstore(postgres_url: str, postgres_table: str) -> Iterator[PostgresDocumentStore]:
+    """Return a PostgresDocumentStore on `postgres_table`; drop that table afterwards."""
+    import psycopg2
+    from psycopg2 import sql
+
+    from docstore import PostgresDocumentStore
+
+    table = postgres_table
+    store = PostgresDocumentStore(postgres_url, table=table)
+    try:
+        yield store
+    finally:
+        store.close()
+        conn = psycopg2.connect(postgres_url, connect_timeout=10)
+        try:
+            conn.autocommit = True
+            with conn.cursor() as cur:
+                cur.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(table)))
+        finally:
+            conn.close()
+
+
+@pytest.fixture
+def session_key_prefix() -> str:
+    """Return a Redis key prefix no other test uses."""
+    return f"t{uuid.uuid4().hex[:12]}:"
+
+
+@pytest.fixture
+def real_redis(redis_server_url: str, session_key_prefix: str) -> Iterator[redis.Redis]:
+    """Return a client of `$REDIS_URL`; afterwards delete the keys under `session_key_prefix`."""
+    from session.config import redis_client_from_url
+
+    client = redis_client_from_url(redis_server_url)
+    try:
+        yield client
+    finally:
+        try:
+            # Only this test's keys: never FLUSHDB a server others may share.
+            keys = list(client.scan_iter(match=f"{session_key_prefix}*", count=1000))
+            if keys:
+                client.delete(*keys)
+        finally:
+            client.close()
+
+
+@pytest.fixture
+def real_session_store(
+    postgres_docstore: PostgresDocumentStore, real_redis: redis.Redis, session_key_prefix: str
+) -> Iterator[SessionStore]:
+    """Return a SessionStore on `postgres_docstore` and `real_redis`, under `session_key_prefix`."""
+    from session import SessionStore
+
+    store = SessionStore(postgres_docstore, real_redis, key_prefix=session_key_prefix)
+    yield store
+    store.close()

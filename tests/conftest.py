@@ -1,0 +1,61 @@
+"""Shared fixtures: PostgreSQL servers to test against, and stores on uniquely named tables.
+
+- `embedded_dsn`: one embedded PostgreSQL server per test session, its data in
+  a temporary directory.
+- `real_dsn`: the server named by POSTGRES_CONNECTION_STRING. Unset, the tests
+  that need it are skipped, except when CI is set: then they fail, so that CI
+  can never pass without having run them.
+
+Each `PostgresDocumentStore` a test builds gets its own table `t_<uuid hex>`;
+`postgres_tables.postgres_store_factory` drops exactly those tables afterwards,
+never anything else.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from session.pytest_plugin import server_url
+
+REAL_SERVER_VARIABLE = "POSTGRES_CONNECTION_STRING"
+
+
+@pytest.fixture(scope="session")
+def embedded_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("embedded") / "pgdata"
+
+
+@pytest.fixture(scope="session")
+def embedded_dsn(embedded_data_dir: Path) -> str:
+    """Start (once per session) the embedded server in a temporary directory."""
+    from docstore.embedded import start_embedded
+
+    return start_embedded(embedded_data_dir)
+
+
+@pytest.fixture(scope="session")
+def real_dsn() -> str:
+    return server_url(REAL_SERVER_VARIABLE, "real PostgreSQL server")
+
+
+def _does_not_apply(item: pytest.Item) -> bool:
+    cls = getattr(item, "cls", None)
+    if getattr(cls, "shares_redis_server", False):
+        # SCRIPT FLUSH would flush every user's scripts on a shared server.
+        return item.get_closest_marker("flushes_redis_scripts") is not None
+    if not getattr(cls, "has_cache", True):
+        fixtures = getattr(item, "fixturenames", ())
+        return "needs_cache" in fixtures or "needs_outage" in fixtures
+    return False
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Deselect contract tests that do not apply to a configuration (instead of skipping)."""
+    keep, drop = [], []
+    for item in items:
+        (drop if _does_not_apply(item) else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep

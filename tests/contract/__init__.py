@@ -1,0 +1,1 @@
+"""Behaviour suites written once and run against every backend (Django SessionTestsMixin style)."""

@@ -1,0 +1,161 @@
+"""The history checker: two processes, several threads, faults on a schedule, then the checks.
+
+The parent process runs four workers on one SessionStore, a child process
+(`fault_worker.py`) three more on its own store, all through the proxies to a
+private redis-server and the embedded PostgreSQL, while the main thread injects
+every kind of fault in turn. Each call is recorded; `fault_history.check` then
+reports lost writes, stale reads, untyped errors and slow calls.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from fault_history import FaultWindow, Op, Recorder, check, op_from_dict, run_worker
+from fault_proxy import FaultProxy, tcp_dsn
+from fault_redis import RedisProcess
+from fault_summary import FaultSummary
+
+from docstore import PostgresDocumentStore
+from session import SessionStore
+from session.config import redis_client_from_url
+
+pytestmark = [pytest.mark.faults, pytest.mark.embedded]
+
+CACHE_TTL = 3.0
+# The store's default statement_timeout (5 s): the watchdog's probe fails a partitioned
+# call in about 1.5 s. connect_timeout 1 bounds connecting during a partition.
+DOCSTORE_SETTINGS = {"connect_timeout": 1}
+LATENCY_BOUND = 2.0
+PARENT_THREADS = 4
+CHILD_THREADS = 3
+SESSIONS = 6
+
+
+def fault_schedule(
+    redis_process: RedisProcess, redis_proxy: FaultProxy, pg_proxy: FaultProxy
+) -> list[tuple[str, bool, Callable[[], None], Callable[[], None], float]]:
+    """Each fault: name, is it a Redis fault, inject, repair, how long it lasts (seconds)."""
+    return [
+        ("redis SIGSTOP", True, redis_process.pause, redis_process.resume, 1.5),
+        ("redis partition", True, redis_proxy.partition, redis_proxy.heal, 1.5),
+        ("postgres partition", False, pg_proxy.partition, pg_proxy.heal, 1.5),
+        ("redis kill -9, restart with AOF", True, redis_process.kill, redis_process.start, 1.0),
+        ("postgres connection cut", False, pg_proxy.cut, pg_proxy.resume, 1.0),
+        (
+            "redis kill -9, restart empty",
+            True,
+            redis_process.kill,
+            lambda: (redis_process.wipe(), redis_process.start()),
+            0.5,
+        ),
+    ]
+
+
+def test_history_has_no_violations_under_faults(
+    embedded_dsn: str,
+    pg_proxy: FaultProxy,
+    redis_proxy: FaultProxy,
+    redis_process: RedisProcess,
+    pg_table: str,
+    key_prefix: str,
+    tmp_path: Path,
+    fault_summary: FaultSummary,
+) -> None:
+    dsn = tcp_dsn(embedded_dsn, pg_proxy.port)
+    redis_url = f"redis://127.0.0.1:{redis_proxy.port}/0"
+    session_settings = {"cache_ttl": CACHE_TTL, "key_prefix": key_prefix}
+    docstore = PostgresDocumentStore(dsn, table=pg_table, **DOCSTORE_SETTINGS)
+    cache = redis_client_from_url(redis_url)
+    store = SessionStore(docstore, cache, **session_settings)  # type: ignore[arg-type]
+    truth_docstore = PostgresDocumentStore(embedded_dsn, table=pg_table)
+    truth = SessionStore(truth_docstore, None)
+    try:
+        session_ids = [store.create_session("checker", {"n": 0}).id for _ in range(SESSIONS)]
+        schedule = fault_schedule(redis_process, redis_proxy, pg_proxy)
+        warmup = 1.5  # the child imports and connects meanwhile
+        duration = warmup + sum(length + 1.0 for *_, length in schedule) + 1.0
+        stop_at = time.monotonic() + duration
+        config = {
+            "name": "child",
+            "dsn": dsn,
+            "table": pg_table,
+            "redis_url": redis_url,
+            "docstore": DOCSTORE_SETTINGS,
+            "session": session_settings,
+            "sessions": session_ids,
+            "user_id": "checker",
+            "stop_at": stop_at,
+            "threads": CHILD_THREADS,
+            "seed": 1000,
+        }
+        config_path, out_path = tmp_path / "worker.json", tmp_path / "child-ops.json"
+        config_path.write_text(json.dumps(config))
+        child = subprocess.Popen(
+            [
+                sys.executable,
+                str(Path(__file__).with_name("fault_worker.py")),
+                str(config_path),
+                str(out_path),
+            ]
+        )
+        recorder = Recorder()
+        threads = [
+            threading.Thread(
+                target=run_worker,
+                args=(store, f"parent-t{n}", session_ids, "checker", stop_at, recorder, n),
+            )
+            for n in range(PARENT_THREADS)
+        ]
+        for thread in threads:
+            thread.start()
+        windows: list[FaultWindow] = []
+        time.sleep(warmup)  # the schedule: faults start once both processes are running
+        for name, is_redis, inject, repair, length in schedule:
+            started = time.monotonic()
+            inject()
+            fault_summary.add_fault(name)
+            time.sleep(length)  # the schedule: how long the fault lasts
+            repair()
+            windows.append(FaultWindow(name, started, time.monotonic(), is_redis))
+            time.sleep(1.0)  # the schedule: a healthy spell between faults
+        for thread in threads:
+            thread.join(timeout=30)
+        assert child.wait(timeout=60) == 0
+        ops: list[Op] = recorder.ops + [
+            op_from_dict(item) for item in json.loads(out_path.read_text())
+        ]
+        violations = check(
+            ops,
+            truth=truth,
+            session_ids=session_ids,
+            windows=windows,
+            cache_ttl=CACHE_TTL,
+            latency_bound=LATENCY_BOUND,
+        )
+        record(fault_summary, ops, windows)
+        fault_summary.add_violations(violations)
+        assert len({op.worker.split("-")[0] for op in ops}) == 2, "both processes ran"
+        assert violations == []
+    finally:
+        store.close()
+        cache.close()
+        docstore.close()
+        truth_docstore.close()
+
+
+def record(summary: FaultSummary, ops: list[Op], windows: list[FaultWindow]) -> None:
+    """Add the calls to the summary, their latency filed under the fault active meanwhile."""
+    summary.add_operations(len(ops))
+    for op in ops:
+        kind = next(
+            (w.kind for w in windows if w.start <= op.end and op.start <= w.end), "no fault"
+        )
+        summary.add_latencies(f"checker, {kind}", [op.end - op.start])

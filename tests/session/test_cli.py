@@ -1,0 +1,263 @@
+"""`python -m session` / `session-store`: the operator's commands.
+
+Most tests call `main(argv)` in this process. A command opens its own store
+with `get_session_store()`; where a test needs data written beforehand, the
+commands are pointed at one shared memory store and fakeredis server (or, in
+the subprocess tests, at the embedded PostgreSQL server).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import fakeredis
+import pytest
+from contract.session_contract import wait_until
+
+import session.cli
+from docstore import MemoryDocumentStore, PostgresDocumentStore
+from session import SessionStore
+from session.cli import EXIT_FAILED, EXIT_OK, EXIT_UNAVAILABLE, main
+from session.config import describe_backends
+from session.store import short_hash
+
+SERVER_VARIABLES = ("POSTGRES_CONNECTION_STRING", "DATABASE_URL", "REDIS_URL")
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """No server configured by the environment this test runs in."""
+    for variable in SERVER_VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
+    return monkeypatch
+
+
+@pytest.fixture
+def shared_store(clean_env: pytest.MonkeyPatch) -> Iterator[SessionStore]:
+    """Make every command open a store on one memory docstore and one fakeredis server."""
+    documents = MemoryDocumentStore()
+    server = fakeredis.FakeServer()
+    clients: list[fakeredis.FakeRedis] = []
+
+    def open_store() -> SessionStore:
+        client = fakeredis.FakeRedis(server=server)
+        clients.append(client)
+        return SessionStore(documents, client, owns_cache=True)
+
+    clean_env.setattr(session.cli, "get_session_store", open_store)
+    with open_store() as store:
+        yield store
+    for client in clients:
+        client.close()
+
+
+def json_lines(text: str) -> list[dict[str, object]]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def test_get_prints_the_session(
+    shared_store: SessionStore, capsys: pytest.CaptureFixture[str]
+) -> None:
+    created = shared_store.create_session("alice", {"theme": "dark"})
+    assert main(["get", created.id]) == EXIT_OK
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["id"] == created.id
+    assert printed["user_id"] == "alice"
+    assert printed["data"] == {"theme": "dark"}
+    assert printed["version"] == 1
+    assert printed["created_at"] == created.created_at.isoformat()
+
+
+def test_get_missing_session(
+    shared_store: SessionStore, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = "no-such-session-" + "x" * 30
+    assert main(["-v", "get", missing]) == EXIT_FAILED
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "no such session" in captured.err
+    assert missing not in captured.err
+
+
+def test_messages_with_paging(
+    shared_store: SessionStore, capsys: pytest.CaptureFixture[str]
+) -> None:
+    created = shared_store.create_session()
+    for number in range(1, 6):
+        shared_store.add_message(created.id, "user", f"m{number}", metadata={"n": number})
+    assert main(["messages", created.id]) == EXIT_OK
+    everything = json_lines(capsys.readouterr().out)
+    assert [m["content"] for m in everything] == ["m1", "m2", "m3", "m4", "m5"]
+    assert everything[0]["metadata"] == {"n": 1} and everything[0]["seq"] == 1
+    assert main(["messages", created.id, "--limit", "2"]) == EXIT_OK
+    assert [m["seq"] for m in json_lines(capsys.readouterr().out)] == [4, 5]
+    assert main(["messages", created.id, "--after-seq", "1", "--limit", "2"]) == EXIT_OK
+    assert [m["seq"] for m in json_lines(capsys.readouterr().out)] == [2, 3]
+
+
+def test_messages_of_a_missing_session(
+    shared_store: SessionStore, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["messages", "missing"]) == EXIT_FAILED
+    assert "no such session" in capsys.readouterr().err
+
+
+def test_list_hides_ids_unless_asked(
+    shared_store: SessionStore, capsys: pytest.CaptureFixture[str]
+) -> None:
+    older = shared_store.create_session("carol", {"n": 1})
+    newer = shared_store.create_session("carol", {"n": 2})
+    shared_store.create_session("dave")
+    assert main(["list", "carol"]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert older.id not in out and newer.id not in out
+    listed = json_lines(out)
+    assert [s["id_hash"] for s in listed] == [short_hash(newer.id), short_hash(older.id)]
+    assert main(["list", "carol", "--show-ids", "--limit", "1"]) == EXIT_OK
+    assert [s["id"] for s in json_lines(capsys.readouterr().out)] == [newer.id]
+
+
+def test_purge_expired(shared_store: SessionStore, capsys: pytest.CaptureFixture[str]) -> None:
+    doomed = shared_store.create_session(ttl=0.05)
+    shared_store.add_message(doomed.id, "user", "bye")
+    kept = shared_store.create_session()
+    wait_until(lambda: shared_store.get_session(doomed.id) is None, what="the session to expire")
+    assert main(["purge-expired", "--batch-size", "10"]) == EXIT_OK
+    assert capsys.readouterr().out.strip() == "purged 2 expired documents"
+    assert shared_store.get_session(kept.id) == kept
+
+
+def test_check_healthy(clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    clean_env.setenv("DATABASE_URL", "memory://")
+    assert main(["check"]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "PostgreSQL: ok" in out and "Redis: ok" in out
+    assert "in-memory store" in out and "in-process fakeredis" in out
+
+
+def test_check_reports_an_unreachable_redis(
+    clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    clean_env.setenv("DATABASE_URL", "memory://")
+    clean_env.setenv("REDIS_URL", "redis://:secret@127.0.0.1:1/0")
+    assert main(["check"]) == EXIT_FAILED
+    out = capsys.readouterr().out
+    assert "Redis: FAILED" in out
+    assert "secret" not in out
+
+
+def test_check_reports_an_unreachable_postgres(
+    clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    clean_env.setenv("POSTGRES_CONNECTION_STRING", "postgresql://u:secret@127.0.0.1:1/x")
+    assert main(["check"]) == EXIT_FAILED
+    out = capsys.readouterr().out
+    assert "PostgreSQL: FAILED" in out
+    assert "secret" not in out
+
+
+def test_unavailable_store_exits_3(
+    clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    clean_env.setenv("POSTGRES_CONNECTION_STRING", "postgresql://u@127.0.0.1:1/x")
+    assert main(["get", "some-id"]) == EXIT_UNAVAILABLE
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "session-store:" in captured.err and "Traceback" not in captured.err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [[], ["get"], ["messages", "x", "--limit", "-1"], ["purge-expired", "--batch-size", "0"]],
+)
+def test_bad_usage_exits_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as raised:
+        main(argv)
+    assert raised.value.code == 2
+    assert "usage:" in capsys.readouterr().err
+
+
+def test_demo_on_a_memory_store(
+    clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    clean_env.setenv("DATABASE_URL", "memory://")
+    assert main(["demo", "--sessions", "2", "--messages", "3"]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "restart skipped" in out
+    assert out.rstrip().endswith("demo OK")
+
+
+# --------------------------------------------------------------------------- subprocesses
+
+
+def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "session", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def server_free_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k not in SERVER_VARIABLES}
+
+
+@pytest.mark.embedded
+def test_python_m_session_reads_what_another_process_wrote(embedded_dsn: str) -> None:
+    with SessionStore(PostgresDocumentStore(embedded_dsn), owns_docstore=True) as store:
+        created = store.create_session("erin", {"k": "v"})
+        store.add_message(created.id, "user", "hello")
+        store.add_message(created.id, "assistant", "hi")
+        try:
+            env = server_free_env() | {"POSTGRES_CONNECTION_STRING": embedded_dsn}
+            got = run_cli("get", created.id, env=env)
+            assert got.returncode == EXIT_OK, got.stderr
+            assert json.loads(got.stdout)["version"] == 3
+            listed = run_cli("messages", created.id, env=env)
+            assert listed.returncode == EXIT_OK, listed.stderr
+            assert [(m["seq"], m["role"]) for m in json_lines(listed.stdout)] == [
+                (1, "user"),
+                (2, "assistant"),
+            ]
+            assert created.id not in listed.stderr
+        finally:
+            store.delete_session(created.id)
+
+
+def test_console_script_is_installed() -> None:
+    script = Path(sys.executable).parent / "session-store"
+    assert script.exists(), "pip install -e . installs the session-store console script"
+    completed = subprocess.run(
+        [str(script), "--help"], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert completed.returncode == EXIT_OK
+    for command in ("demo", "get", "messages", "list", "purge-expired", "check"):
+        assert command in completed.stdout
+
+
+def test_describe_backends_never_shows_a_password(clean_env: pytest.MonkeyPatch) -> None:
+    clean_env.setenv("DATABASE_URL", "postgresql://app:hunter2@db.internal:5433/chat")
+    clean_env.setenv("REDIS_URL", "rediss://:hunter2@cache.internal:6380/2")
+    backends = describe_backends()
+    assert backends.docstore == "PostgreSQL app@db.internal:5433/chat (from DATABASE_URL)"
+    assert backends.cache == "Redis rediss://cache.internal:6380/2 (from REDIS_URL)"
+    assert backends.persistent and backends.shared_cache
+    keyword = describe_backends(docstore_url="host=h password=hunter2 dbname=d", redis_url="")
+    assert "hunter2" not in keyword.docstore and "h" in keyword.docstore
+    assert not keyword.shared_cache and "fakeredis" in keyword.cache
+
+
+def test_describe_backends_defaults(clean_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    clean_env.setenv("DOCSTORE_DATA_DIR", str(tmp_path))
+    backends = describe_backends()
+    assert backends.docstore == f"embedded PostgreSQL, data in {tmp_path}"
+    assert backends.persistent and not backends.shared_cache
+    assert not describe_backends(docstore_url="memory://").persistent

@@ -1,0 +1,354 @@
+"""The pieces under the store: cache encoding, protocol rules and scripts, circuit breaker."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import fakeredis
+import msgpack
+import pytest
+from contract.session_contract import RICH_DATA, reference_window
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from session import Message, Session
+from session.breaker import CircuitBreaker
+from session.coherence import (
+    FILL_SESSION,
+    VERSION_OF_LUA,
+    WRITE_SESSION,
+    FillResult,
+    MessageWindow,
+    ProtocolError,
+    SessionRead,
+    TailRead,
+    cache_px,
+    is_contiguous,
+    lease_wait_delays,
+    parse_fill_reply,
+    parse_read_reply,
+    session_keys,
+)
+from session.models import SessionState, from_micros, to_micros
+from session.serializer import (
+    FORMAT_VERSION,
+    TOMBSTONE,
+    DecodeError,
+    EncodeError,
+    decode_message,
+    decode_session,
+    encode_message,
+    encode_session,
+)
+
+RETURN_VERSION = """
+local version = version_of(ARGV[1])
+if version == nil then return 'nil' end
+return string.format('%d', version)
+"""
+NOW = datetime(2026, 5, 17, 12, 30, 45, 123456, tzinfo=timezone.utc)
+
+
+def make_state(version: int = 7, **changes: Any) -> SessionState:
+    session = Session(
+        id="sid",
+        user_id="user",
+        data=dict(RICH_DATA),
+        created_at=NOW,
+        updated_at=NOW + timedelta(seconds=1),
+        expires_at=NOW + timedelta(hours=1),
+        version=version,
+    )
+    fields = {**session.__dict__, **changes}
+    return SessionState(session=Session(**fields), conversation="conv")
+
+
+def make_message(seq: int = 3) -> Message:
+    return Message(
+        session_id="sid",
+        seq=seq,
+        id="m",
+        role="user",
+        content="hello ✓",
+        metadata={"k": [1, None]},
+        created_at=NOW,
+    )
+
+
+# --------------------------------------------------------------------------- serializer
+
+
+def test_session_roundtrip() -> None:
+    state = make_state()
+    assert decode_session(encode_session(state), "sid") == state
+
+
+def test_session_roundtrip_without_user_or_expiry() -> None:
+    state = make_state(user_id=None, expires_at=None, data={})
+    assert decode_session(encode_session(state), "sid") == state
+
+
+def test_message_roundtrip() -> None:
+    message = make_message()
+    assert decode_message(encode_message(message), "sid") == message
+
+
+def test_timestamps_roundtrip_exactly() -> None:
+    for moment in (
+        NOW,
+        datetime(1970, 1, 1, tzinfo=timezone.utc),
+        datetime(1900, 1, 1, 0, 0, 0, 1, tzinfo=timezone.utc),
+    ):
+        assert from_micros(to_micros(moment)) == moment
+    offset = NOW.astimezone(timezone(timedelta(hours=5)))
+    assert from_micros(to_micros(offset)) == NOW
+
+
+def test_values_carry_a_format_header() -> None:
+    decoded = msgpack.unpackb(encode_session(make_state(version=300)))
+    assert decoded[:2] == [FORMAT_VERSION, 300]
+    assert msgpack.unpackb(encode_message(make_message(seq=9)))[:2] == [FORMAT_VERSION, 9]
+    assert msgpack.unpackb(TOMBSTONE) == [FORMAT_VERSION, None]
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"",
+        b"\xc1",
+        b"garbage",
+        "text",
+        None,
+        msgpack.packb({"a": 1}),
+        msgpack.packb([]),
+        msgpack.packb([FORMAT_VERSION + 1, 1, None, "c", {}, 0, 0, None]),
+        msgpack.packb([True, 1, None, "c", {}, 0, 0, None]),
+        msgpack.packb([FORMAT_VERSION, 1, None, "c", {}, 0, 0]),
+        msgpack.packb([FORMAT_VERSION, 0, None, "c", {}, 0, 0, None]),
+        msgpack.packb([FORMAT_VERSION, True, None, "c", {}, 0, 0, None]),
+        msgpack.packb([FORMAT_VERSION, 1, 5, "c", {}, 0, 0, None]),
+        msgpack.packb([FORMAT_VERSION, 1, None, None, {}, 0, 0, None]),
+        msgpack.packb([FORMAT_VERSION, 1, None, "c", [], 0, 0, None]),
+        msgpack.packb([FORMAT_VERSION, 1, None, "c", {"b": b"bytes"}, 0, 0, None]),
+        msgpack.packb([FORMAT_VERSION, 1, None, "c", {"e": msgpack.ExtType(5, b"x")}, 0, 0, None]),
+        msgpack.packb([FORMAT_VERSION, 1, None, "c", {}, 1.5, 0, None]),
+        msgpack.packb([FORMAT_VERSION, 1, None, "c", {}, 0, 0, 2**62]),
+        msgpack.packb([FORMAT_VERSION, 1, None, "c", {1: 2}, 0, 0, None]),
+        encode_session(make_state())[:-3],
+        encode_session(make_state()) + b"\x00",
+        TOMBSTONE,
+    ],
+)
+def test_garbage_sessions_fail_to_decode(raw: Any) -> None:
+    with pytest.raises(DecodeError):
+        decode_session(raw, "sid")
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"\xc1",
+        msgpack.packb([FORMAT_VERSION, 0, "m", "r", "c", {}, 0]),
+        msgpack.packb([FORMAT_VERSION, 1, 5, "r", "c", {}, 0]),
+        msgpack.packb([FORMAT_VERSION, 1, "m", "r", "c", [], 0]),
+        msgpack.packb([FORMAT_VERSION, 1, "m", "r", "c", {}, "0"]),
+        encode_session(make_state()),
+    ],
+)
+def test_garbage_messages_fail_to_decode(raw: Any) -> None:
+    with pytest.raises(DecodeError):
+        decode_message(raw, "sid")
+
+
+def test_unencodable_value() -> None:
+    with pytest.raises(EncodeError):
+        encode_session(make_state(data={"v": object()}))
+
+
+# --------------------------------------------------------------------------- protocol rules
+
+
+def test_keys_share_the_session_hash_tag() -> None:
+    keys = session_keys("p:", "abc")
+    assert keys.all() == (
+        "p:{abc}:s",
+        "p:{abc}:s:lease",
+        "p:{abc}:m",
+        "p:{abc}:m:seq",
+        "p:{abc}:m:lease",
+    )
+
+
+def test_cache_px() -> None:
+    now = to_micros(NOW)
+    assert cache_px(None, now, 3600) == 3_600_000
+    assert cache_px(now + 10_000_000, now, 3600) == 10_000
+    assert cache_px(now + 500, now, 3600) is None  # under a millisecond left
+    assert cache_px(now - 1, now, 3600) is None
+
+
+def test_lease_wait_delays_add_up() -> None:
+    delays = list(lease_wait_delays(0.1))
+    assert sum(delays) == pytest.approx(0.1)
+    assert delays[0] == 0.002 and delays[1] == 0.004
+    assert list(lease_wait_delays(0)) == []
+
+
+def test_is_contiguous() -> None:
+    assert is_contiguous([]) and is_contiguous([4]) and is_contiguous([2, 3, 4])
+    assert not is_contiguous([2, 4]) and not is_contiguous([3, 2])
+
+
+@given(
+    last=st.integers(0, 30),
+    after=st.none() | st.integers(0, 35),
+    before=st.none() | st.integers(0, 35),
+    limit=st.none() | st.integers(0, 35),
+)
+def test_window_bounds_match_the_reference(
+    last: int, after: int | None, before: int | None, limit: int | None
+) -> None:
+    messages = [make_message(seq) for seq in range(1, last + 1)]
+    window = MessageWindow(after_seq=after, before_seq=before, limit=limit)
+    low, high = window.bounds(last)
+    chosen = [m for m in messages if low <= m.seq <= high]
+    assert chosen == reference_window(messages, after_seq=after, before_seq=before, limit=limit)
+
+
+def test_parse_read_reply() -> None:
+    reply = parse_read_reply([1, b"value", 0, 1, b"m1", b"m2"])
+    assert (reply.session, reply.value, reply.dropped, reply.tail) == (
+        SessionRead.HIT,
+        b"value",
+        False,
+        TailRead.HIT,
+    )
+    assert reply.messages == (b"m1", b"m2")
+    assert parse_read_reply([2, b"", 1, 0]).session is SessionRead.LEASED
+    assert parse_read_reply([1, TOMBSTONE, 0, 0]).is_tombstone
+    for bad in (None, [1], [9, b"", 0, 0], [1, "str", 0, 0], [1, b"", 0, 7]):
+        with pytest.raises(ProtocolError):
+            parse_read_reply(bad)
+
+
+def test_parse_fill_reply() -> None:
+    assert parse_fill_reply(1) is FillResult.INSTALLED
+    assert parse_fill_reply(-1) is FillResult.NEWER_CACHED
+    for bad in (2, b"1", None):
+        with pytest.raises(ProtocolError):
+            parse_fill_reply(bad)
+
+
+# --------------------------------------------------------------------------- Lua
+
+
+@pytest.fixture(scope="module")
+def lua() -> fakeredis.FakeRedis:
+    return fakeredis.FakeRedis(server=fakeredis.FakeServer())
+
+
+@settings(max_examples=60, deadline=None)
+@given(version=st.integers(1, 2**53))
+def test_lua_reads_the_version_python_wrote(lua: fakeredis.FakeRedis, version: int) -> None:
+    script = lua.register_script(VERSION_OF_LUA + RETURN_VERSION)
+    assert script(args=[encode_session(make_state(version=version))]) == str(version).encode()
+    assert script(args=[encode_message(make_message(seq=version))]) == str(version).encode()
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        TOMBSTONE,
+        b"",
+        b"\x92",
+        b"garbage",
+        msgpack.packb([FORMAT_VERSION + 1, 5]),
+        msgpack.packb([FORMAT_VERSION, "5"]),
+    ],
+)
+def test_lua_finds_no_version_in_garbage(lua: fakeredis.FakeRedis, raw: bytes) -> None:
+    script = lua.register_script(VERSION_OF_LUA + RETURN_VERSION)
+    assert script(args=[raw]) == b"nil"
+
+
+def test_fill_needs_its_own_lease(lua: fakeredis.FakeRedis) -> None:
+    keys = session_keys("unit:", "fill").all()[:2]
+    fill = lua.register_script(FILL_SESSION)
+    value = encode_session(make_state(version=5))
+    assert fill(keys=keys, args=["token", value, 5, 10_000]) == FillResult.LEASE_LOST
+    lua.set(keys[1], "other")
+    assert fill(keys=keys, args=["token", value, 5, 10_000]) == FillResult.LEASE_LOST
+    lua.set(keys[1], "token")
+    assert fill(keys=keys, args=["token", value, 5, 10_000]) == FillResult.INSTALLED
+    assert lua.exists(keys[1]) == 0
+    lua.set(keys[1], "token")
+    older = encode_session(make_state(version=4))
+    assert fill(keys=keys, args=["token", older, 4, 10_000]) == FillResult.NEWER_CACHED
+    assert lua.get(keys[0]) == value
+
+
+def test_writer_replaces_only_older_copies(lua: fakeredis.FakeRedis) -> None:
+    keys = session_keys("unit:", "write").all()[:2]
+    write = lua.register_script(WRITE_SESSION)
+    v5, v6, v7 = (encode_session(make_state(version=v)) for v in (5, 6, 7))
+    assert write(keys=keys, args=[v6, 6, 10_000]) == 0
+    assert lua.exists(keys[0]) == 0  # never into an absent key
+    lua.set(keys[0], v7)
+    lua.set(keys[1], "someone's lease")
+    assert write(keys=keys, args=[v6, 6, 10_000]) == 0
+    assert lua.get(keys[0]) == v7
+    assert lua.exists(keys[1]) == 0  # the lease is cancelled either way
+    lua.set(keys[0], v5)
+    assert write(keys=keys, args=[v6, 6, 10_000]) == 1
+    assert lua.get(keys[0]) == v6
+    lua.set(keys[0], TOMBSTONE)
+    assert write(keys=keys, args=[v7, 7, 10_000]) == 0
+    assert lua.get(keys[0]) == TOMBSTONE
+
+
+# --------------------------------------------------------------------------- breaker
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_breaker_opens_and_probes() -> None:
+    clock = Clock()
+    breaker = CircuitBreaker(threshold=3, cooldown=2.0, clock=clock)
+    assert breaker.allow()
+    assert breaker.record_failure() is True  # first of a burst
+    assert breaker.record_failure() is False
+    assert breaker.allow()
+    breaker.record_failure()
+    assert not breaker.allow() and breaker.is_open
+    clock.now += 1.9
+    assert not breaker.allow()
+    clock.now += 0.2
+    assert breaker.allow()  # probe
+    assert breaker.record_failure() is False
+    assert not breaker.allow()
+    clock.now += 2.1
+    assert breaker.record_success() == 4
+    assert breaker.allow() and breaker.record_success() == 0
+
+
+def test_breaker_survives_a_clock_going_back() -> None:
+    clock = Clock()
+    breaker = CircuitBreaker(threshold=1, cooldown=60.0, clock=clock)
+    breaker.record_failure()
+    assert not breaker.allow()
+    clock.now -= 5
+    assert breaker.allow()
+
+
+def test_breaker_arguments() -> None:
+    with pytest.raises(ValueError):
+        CircuitBreaker(threshold=0, cooldown=1, clock=Clock())
+    with pytest.raises(ValueError):
+        CircuitBreaker(threshold=1, cooldown=-1, clock=Clock())

@@ -1,0 +1,154 @@
+"""The SessionStore contract against each cache configuration.
+
+- `TestFakeRedis`: an in-process fakeredis server per test (Lua through lupa);
+  an outage is the server's `connected = False`.
+- `TestNoCache`: no Redis at all; every read goes to the docstore.
+- `TestRealRedis`: the server named by REDIS_URL, reached through a TCP proxy
+  that a test can cut, with the fail-fast client `get_session_store` builds.
+- `TestEmbeddedPostgres`: fakeredis again, on the embedded PostgreSQL server.
+- `TestRealPostgresRealRedis`: the real-Redis configuration on the PostgreSQL
+  server named by POSTGRES_CONNECTION_STRING.
+
+The PostgreSQL-backed classes share one store per class on a table of their own
+(dropped afterwards); every test still works in its own collections.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from urllib.parse import urlsplit, urlunsplit
+
+import fakeredis
+import pytest
+import redis
+from contract.session_contract import Outage, SessionStoreContract
+from postgres_tables import postgres_store_factory
+from tcp_proxy import TcpProxy
+
+from docstore import DocumentStore
+from session import SessionStore
+from session.config import REDIS_SOCKET_TIMEOUT, redis_client_from_url
+
+
+class FakeServerOutage:
+    def __init__(self, server: fakeredis.FakeServer) -> None:
+        self._server = server
+
+    def down(self) -> None:
+        self._server.connected = False
+
+    def up(self) -> None:
+        self._server.connected = True
+
+
+class ProxyOutage:
+    def __init__(self, proxy: TcpProxy) -> None:
+        self._proxy = proxy
+
+    def down(self) -> None:
+        self._proxy.cut()
+
+    def up(self) -> None:
+        self._proxy.resume()
+
+
+class TestFakeRedis(SessionStoreContract):
+    @pytest.fixture
+    def fake_server(self) -> fakeredis.FakeServer:
+        return fakeredis.FakeServer()
+
+    @pytest.fixture
+    def cache(self, fake_server: fakeredis.FakeServer) -> Iterator[redis.Redis]:
+        client = fakeredis.FakeRedis(server=fake_server)
+        yield client
+        client.close()
+
+    @pytest.fixture
+    def outage(self, fake_server: fakeredis.FakeServer) -> Outage:
+        return FakeServerOutage(fake_server)
+
+
+class TestNoCache(SessionStoreContract):
+    # Tests about the cache (`needs_cache`, `needs_outage`) do not apply: they are
+    # deselected here (tests/conftest.py) rather than skipped.
+    has_cache = False
+
+    @pytest.fixture
+    def cache(self) -> None:
+        return None
+
+
+@pytest.mark.redis
+class TestRealRedis(SessionStoreContract):
+    # The Redis server is shared (other tests, other users): tests marked
+    # `flushes_redis_scripts` are deselected here (tests/conftest.py).
+    shares_redis_server = True
+    @pytest.fixture
+    def proxy(self, redis_url: str) -> Iterator[TcpProxy]:
+        parts = urlsplit(redis_url)
+        with TcpProxy((parts.hostname or "127.0.0.1", parts.port or 6379)) as proxy:
+            yield proxy
+
+    @pytest.fixture
+    def cache(self, redis_url: str, proxy: TcpProxy) -> Iterator[redis.Redis]:
+        parts = urlsplit(redis_url)
+        userinfo, _, _ = parts.netloc.rpartition("@")
+        netloc = f"{userinfo}@" if userinfo else ""
+        proxied = urlunsplit(parts._replace(netloc=f"{netloc}{proxy.host}:{proxy.port}"))
+        client = redis_client_from_url(proxied)
+        yield client
+        client.close()
+
+    @pytest.fixture
+    def outage(self, proxy: TcpProxy) -> Outage:
+        return ProxyOutage(proxy)
+
+    def test_stalled_redis_never_stalls_a_call_for_long(
+        self, make_store: Callable[..., SessionStore], proxy: TcpProxy
+    ) -> None:
+        store = make_store(breaker_threshold=3)
+        created = store.create_session(data={"a": 1})
+        store.get_session(created.id)
+        proxy.stall()
+        try:
+            for _ in range(6):
+                started = time.monotonic()
+                assert store.get_session(created.id) == created
+                # One socket timeout at most, with room for a loaded machine.
+                assert time.monotonic() - started < REDIS_SOCKET_TIMEOUT * 2 + 0.5
+            stats = store.stats()
+            assert stats["cache_errors"] == 3
+            assert stats["cache_skipped"] == 3
+        finally:
+            proxy.resume()
+
+
+# The contract's concurrency tests run a few stores with several threads each.
+_POOL_SIZE = 20
+
+
+@pytest.fixture(scope="module")
+def embedded_postgres_docstore(embedded_dsn: str) -> Iterator[DocumentStore]:
+    with postgres_store_factory(embedded_dsn) as make:
+        yield make(max_connections=_POOL_SIZE)
+
+
+@pytest.fixture(scope="module")
+def real_postgres_docstore(real_dsn: str) -> Iterator[DocumentStore]:
+    with postgres_store_factory(real_dsn) as make:
+        yield make(max_connections=_POOL_SIZE)
+
+
+@pytest.mark.embedded
+class TestEmbeddedPostgres(TestFakeRedis):
+    @pytest.fixture
+    def session_docstore(self, embedded_postgres_docstore: DocumentStore) -> DocumentStore:
+        return embedded_postgres_docstore
+
+
+@pytest.mark.postgres
+class TestRealPostgresRealRedis(TestRealRedis):
+    @pytest.fixture
+    def session_docstore(self, real_postgres_docstore: DocumentStore) -> DocumentStore:
+        return real_postgres_docstore
