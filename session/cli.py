@@ -172,6 +172,10 @@ def _positive(text: str) -> int:
     return value
 
 
+# Ids this library generates never start with "-"; ids from elsewhere may.
+_DASH_HINT = "An id that starts with '-' goes after '--', as in: session-store get -- -abc"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser of `python -m session`."""
     parser = argparse.ArgumentParser(
@@ -185,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     def command(
         name: str, handler: Callable[[argparse.Namespace], int], text: str
     ) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=text, description=text)
+        sub = commands.add_parser(name, help=text, description=text, epilog=_DASH_HINT)
         sub.set_defaults(handler=handler)
         return sub
 

@@ -95,6 +95,20 @@ _MAX_PENDING_INVALIDATIONS = 10_000
 _NEVER_LIVE_ID_ATTEMPTS = 3
 
 
+def new_token(nbytes: int) -> str:
+    """Return `nbytes` random bytes as URL-safe text that starts with a letter or digit.
+
+    `secrets.token_urlsafe` starts with `-` one time in 64, and an id that
+    starts with `-` reads as an option to every command-line tool an operator
+    pastes it into (our own CLI included). Redrawing keeps the token uniform
+    over the ids that remain.
+    """
+    while True:
+        token = secrets.token_urlsafe(nbytes)
+        if token[0].isalnum():
+            return token
+
+
 def short_hash(session_id: str) -> str:
     """Return a short, stable hash of a session id: what logs show instead of the id."""
     return hashlib.sha256(session_id.encode("utf-8", "surrogatepass")).hexdigest()[:12]
@@ -305,10 +319,10 @@ class SessionStore:
         lifetime = self._session_ttl if ttl is None else self._check_ttl(ttl)
         body[RESERVED_KEY] = {
             "user_id": user_id,
-            "conv": secrets.token_urlsafe(_CONVERSATION_BYTES),
+            "conv": new_token(_CONVERSATION_BYTES),
         }
         for _ in range(_NEVER_LIVE_ID_ATTEMPTS):
-            session_id = secrets.token_urlsafe(_SESSION_ID_BYTES)
+            session_id = new_token(_SESSION_ID_BYTES)
             try:
                 with self._translated():
                     doc = self._docstore.create(self._sessions, body, id=session_id, ttl=lifetime)
@@ -389,7 +403,7 @@ class SessionStore:
         if not self._usable_id(session_id):
             raise SessionNotFound("no such session")
         for _ in range(_NEVER_LIVE_ID_ATTEMPTS):
-            new_id = secrets.token_urlsafe(_SESSION_ID_BYTES)
+            new_id = new_token(_SESSION_ID_BYTES)
             try:
                 doc = self._write(
                     session_id,
@@ -485,7 +499,7 @@ class SessionStore:
             if state is None:
                 raise SessionNotFound("no such session")
             conversation = state.conversation
-        message_key = message_id if message_id is not None else secrets.token_urlsafe(16)
+        message_key = message_id if message_id is not None else new_token(16)
         body["conv"] = conversation
         body["message_id"] = message_key
         # Conversation-scoped: a retry after rotate_session_id still finds the message.

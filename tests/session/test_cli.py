@@ -20,6 +20,7 @@ import pytest
 from contract.session_contract import wait_until
 
 import session.cli
+import session.store
 from docstore import MemoryDocumentStore, PostgresDocumentStore
 from session import SessionStore
 from session.cli import EXIT_FAILED, EXIT_OK, EXIT_UNAVAILABLE, main
@@ -261,3 +262,30 @@ def test_describe_backends_defaults(clean_env: pytest.MonkeyPatch, tmp_path: Pat
     assert backends.docstore == f"embedded PostgreSQL, data in {tmp_path}"
     assert backends.persistent and not backends.shared_cache
     assert not describe_backends(docstore_url="memory://").persistent
+
+
+def test_generated_ids_never_start_with_a_dash(
+    shared_store: SessionStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # token_urlsafe starts with "-" one time in 64; such an id reads as an option.
+    draws = iter(
+        ["-conversation", "Conversation", "_underscore", "-dash", "Created", "-x", "Rotated"]
+    )
+    monkeypatch.setattr(session.store.secrets, "token_urlsafe", lambda nbytes: next(draws))
+    created = shared_store.create_session()
+    assert created.id == "Created"
+    assert shared_store.rotate_session_id(created.id).id == "Rotated"
+
+
+def test_an_id_that_starts_with_a_dash_goes_after_double_dash(
+    shared_store: SessionStore, capsys: pytest.CaptureFixture[str]
+) -> None:
+    created = shared_store.create_session("-bob")
+    with pytest.raises(SystemExit):
+        main(["list", "-bob"])
+    capsys.readouterr()
+    assert main(["list", "--show-ids", "--", "-bob"]) == EXIT_OK
+    assert [s["id"] for s in json_lines(capsys.readouterr().out)] == [created.id]
+    with pytest.raises(SystemExit):
+        main(["list", "--help"])
+    assert "goes after '--'" in capsys.readouterr().out
