@@ -24,7 +24,7 @@ of the library against the same floors (a plain GET + the library's decode;
 the docstore alone against the raw statement alone), round trips per call,
 client CPU per call, PostgreSQL's planning and execution time of the very
 statements each side sends (EXPLAIN ANALYZE, rolled back), the cost of the
-READ script against a GET, and the library's hot spots under cProfile.
+READ scripts against a GET, and the library's hot spots under cProfile.
 `--no-profile` stops after the two tables.
 """
 
@@ -57,9 +57,11 @@ from docstore import PostgresDocumentStore  # noqa: E402
 from session import SessionStore  # noqa: E402
 from session.coherence import (  # noqa: E402
     READ,
+    READ_SESSION,
     SessionKeys,
     new_lease_token,
     read_args,
+    read_session_args,
     session_keys,
 )
 from session.serializer import decode_session  # noqa: E402
@@ -272,9 +274,10 @@ class ExplainingCursor:
     The statement then runs for real, so the caller sees no difference.
     """
 
-    def __init__(self, cursor: Any, explain_cursor: Any) -> None:
+    def __init__(self, cursor: Any, explain_cursor: Any, prepared: set[str]) -> None:
         self._cursor = cursor
         self._explain = explain_cursor
+        self._prepared = prepared  # names prepared on the explain cursor's connection
         self.planning = 0.0
         self.execution = 0.0
 
@@ -285,6 +288,14 @@ class ExplainingCursor:
     def explain(self, statement: Any, params: Any = ()) -> None:
         """Add what PostgreSQL spends on `statement` (run and rolled back) to the totals."""
         prefix = "EXPLAIN (ANALYZE, SUMMARY ON, TIMING OFF, FORMAT JSON) "
+        name = getattr(statement, "name", None)
+        if name is not None:
+            # The docstore's server-side prepared statement: prepare it here too
+            # (once per connection), then explain the EXECUTE the library sends.
+            if name not in self._prepared:
+                self._explain.execute(statement.definition)
+                self._prepared.add(name)
+            statement = statement.call
         if isinstance(statement, sql.Composable):
             explained: Any = sql.Composed([sql.SQL(prefix), statement])
         else:
@@ -311,6 +322,7 @@ def server_time(
 ) -> None:
     """Print PostgreSQL's planning and execution time per call, library against floor."""
     explain_cursor = raw.conn.cursor()
+    prepared: set[str] = set()
     print(f"{'operation':<28}{'library plan':>13}{'exec':>8}{'floor plan':>12}{'exec':>8}")
     for name, (library, floor) in pairs.items():
         if name == "get_session (hit)":
@@ -322,7 +334,7 @@ def server_time(
             for i in range(calls):
                 if setup is not None:
                     setup(i)
-                cursor = ExplainingCursor(raw.cur, explain_cursor)
+                cursor = ExplainingCursor(raw.cur, explain_cursor, prepared)
                 if side == 0:
                     docs._execute = explaining_execute(docs, cursor)  # type: ignore[method-assign]
                 else:
@@ -379,9 +391,11 @@ def cpu_per_call(
 def script_costs(cache: redis.Redis, keys: SessionKeys, rounds: int) -> None:
     """Print what running a script costs against a plain GET of the same value, interleaved."""
     trivial = cache.register_script("return redis.call('GET', KEYS[1])")
+    read_session = cache.register_script(READ_SESSION)
     read = cache.register_script(READ)
     all_keys = list(keys.all())
-    # No lease: should the value vanish meanwhile, the store's own readers must not wait on us.
+    # The value is cached, so READ_SESSION never takes its lease; READ is told not to.
+    session_args: list[Any] = read_session_args(new_lease_token(), 2000)
     args: list[Any] = read_args(new_lease_token(), 2000, take_lease=False)
 
     def get(i: int) -> object:
@@ -389,7 +403,11 @@ def script_costs(cache: redis.Redis, keys: SessionKeys, rounds: int) -> None:
 
     pairs: dict[str, tuple[Operation, Operation]] = {
         "EVALSHA 'return GET'": (lambda i: trivial(keys=[keys.value]), get),
-        "EVALSHA READ (a hit)": (lambda i: read(keys=all_keys, args=args), get),
+        "READ_SESSION (get_session)": (
+            lambda i: read_session(keys=[keys.value, keys.lease], args=session_args),
+            get,
+        ),
+        "READ (get_messages' lookup)": (lambda i: read(keys=all_keys, args=args), get),
     }
     print(f"{'':<28}{'script':>10}{'GET':>10}{'extra':>10}")
     for name, (script, plain) in interleaved(pairs, rounds).items():
@@ -528,7 +546,7 @@ def run(
     print("\n--- where the gap is: pieces of the library against the same floors ---")
     hit_key = session_keys(key_prefix, hit_id).value
     diagnostic: dict[str, tuple[Operation, Operation]] = {
-        # What a hit would cost with a plain GET instead of the READ script.
+        # What a hit would cost with a plain GET instead of the READ_SESSION script.
         "GET + decode_session": (
             lambda i: decode_session(cache.get(hit_key), hit_id),
             lambda i: raw.hit(raw_hit_id),
@@ -569,7 +587,7 @@ def run(
     cpu_per_call(pairs, prepare, PROFILE_CALLS)
     print("\n--- PostgreSQL's own time per call (EXPLAIN ANALYZE of the same statements) ---")
     server_time(pairs, prepare, docs, raw, PROFILE_CALLS // 5)
-    print("\n--- one Redis round trip: plain GET against the READ script on the same value ---")
+    print("\n--- one Redis round trip: plain GET against the read scripts on the same value ---")
     script_costs(cache, session_keys(key_prefix, hit_id), PROFILE_CALLS)
     print("\n--- library hot spots (cProfile, which inflates Python time ~2x) ---")
     for name, (library, _) in pairs.items():

@@ -42,6 +42,10 @@ __all__ = [
     "ReadReply",
     "read_args",
     "parse_read_reply",
+    "read_session_args",
+    "parse_read_session_reply",
+    "READ_DROPPED",
+    "READ_SESSION",
     "FillResult",
     "parse_fill_reply",
     "MessageWindow",
@@ -162,6 +166,10 @@ class SessionRead(IntEnum):
     MISSING = 4  # missing; no lease was asked for
 
 
+# Added to a READ_SESSION miss code when an undecodable value was dropped.
+READ_DROPPED = 16
+
+
 class TailRead(IntEnum):
     """What the READ script found for the message tail."""
 
@@ -239,6 +247,26 @@ for i = 1, #messages do reply[4 + i] = messages[i] end
 return reply
 """
 )
+
+# The session alone, for get_session and every write's lookup: the hot path,
+# so it is lean (two keys, two or three arguments, a one-item reply).
+# KEYS: value, lease. ARGV: 1 lease token, 2 lease ms, 3 (optional) value to drop.
+# Reply: the cached value or tombstone on a hit; on a miss the integer
+# SessionRead.LEASED or SessionRead.BUSY, plus READ_DROPPED if an undecodable
+# value was dropped first.
+READ_SESSION = f"""
+local value = redis.pcall('GET', KEYS[1])
+local dropped = 0
+if type(value) == 'table' or value == '' or (ARGV[3] ~= nil and value == ARGV[3]) then
+  redis.call('DEL', KEYS[1])
+  value, dropped = false, {READ_DROPPED}
+end
+if value then return value end
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return {SessionRead.LEASED} + dropped
+end
+return {SessionRead.BUSY} + dropped
+"""
 
 # KEYS: value, lease. ARGV: 1 lease token, 2 value ('' only releases the
 # lease), 3 its version (0: a tombstone, installed only into an absent key), 4 px.
@@ -338,6 +366,7 @@ def glob_escape(text: str) -> str:
 
 # Every script by name, as the store registers them.
 SCRIPTS = {
+    "READ_SESSION": READ_SESSION,
     "READ": READ,
     "FILL_SESSION": FILL_SESSION,
     "FILL_TAIL": FILL_TAIL,
@@ -420,6 +449,11 @@ def read_args(
     ]
 
 
+def read_session_args(token: str, lease_ms: int, *, drop_value: bytes = b"") -> list[object]:
+    """Return the ARGV of the READ_SESSION script."""
+    return [token, lease_ms, drop_value] if drop_value else [token, lease_ms]
+
+
 @dataclass(frozen=True)
 class ReadReply:
     """The READ script's reply, decoded into what the client must do next."""
@@ -463,6 +497,18 @@ def parse_read_reply(reply: object) -> ReadReply:
         tail=tail,
         messages=tuple(_as_bytes(item) for item in reply[4:]),
     )
+
+
+def parse_read_session_reply(reply: object) -> ReadReply:
+    """Return the meaning of a READ_SESSION reply; raise ProtocolError if it has none."""
+    if isinstance(reply, bytes):
+        return ReadReply(SessionRead.HIT, reply, False, TailRead.NONE, ())
+    if isinstance(reply, int) and not isinstance(reply, bool):
+        dropped = reply >= READ_DROPPED
+        code = reply - READ_DROPPED if dropped else reply
+        if code in (SessionRead.LEASED, SessionRead.BUSY):
+            return ReadReply(SessionRead(code), None, dropped, TailRead.NONE, ())
+    raise ProtocolError(f"unknown READ_SESSION reply of type {type(reply).__name__}")
 
 
 class FillResult(IntEnum):

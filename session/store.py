@@ -35,6 +35,7 @@ from .coherence import (
     FillResult,
     MessageWindow,
     ProtocolError,
+    ReadReply,
     SessionKeys,
     SessionRead,
     TailRead,
@@ -943,16 +944,26 @@ class SessionStore:
         if self._cache is None:
             self._stats.add("misses")
             return _Lookup(self._read_live(session_id))
-        keys = self._keys(session_id).all()
+        keys = self._keys(session_id)
         token = coherence.new_lease_token()
         drop = b""
         waits: Iterator[float] | None = None
         for _ in range(3):
             while True:
-                args = coherence.read_args(
-                    token, self._fill_lease_ms, drop_value=drop, window=window
-                )
-                reply = self._run("READ", keys, args, coherence.parse_read_reply)
+                reply: ReadReply | None
+                if window is None:
+                    args = coherence.read_session_args(token, self._fill_lease_ms, drop_value=drop)
+                    reply = self._run(
+                        "READ_SESSION",
+                        (keys.value, keys.lease),
+                        args,
+                        coherence.parse_read_session_reply,
+                    )
+                else:
+                    args = coherence.read_args(
+                        token, self._fill_lease_ms, drop_value=drop, window=window
+                    )
+                    reply = self._run("READ", keys.all(), args, coherence.parse_read_reply)
                 if reply is None:
                     self._stats.add("misses")
                     return _Lookup(self._read_live(session_id), cache_failed=True)

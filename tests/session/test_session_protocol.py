@@ -16,6 +16,8 @@ from session import Message, Session
 from session.breaker import CircuitBreaker
 from session.coherence import (
     FILL_SESSION,
+    READ_DROPPED,
+    READ_SESSION,
     VERSION_OF_LUA,
     WRITE_SESSION,
     FillResult,
@@ -28,6 +30,8 @@ from session.coherence import (
     lease_wait_delays,
     parse_fill_reply,
     parse_read_reply,
+    parse_read_session_reply,
+    read_session_args,
     session_keys,
 )
 from session.models import SessionState, from_micros, to_micros
@@ -232,6 +236,25 @@ def test_parse_read_reply() -> None:
             parse_read_reply(bad)
 
 
+def test_parse_read_session_reply() -> None:
+    hit = parse_read_session_reply(b"value")
+    assert (hit.session, hit.value, hit.dropped, hit.tail, hit.messages) == (
+        SessionRead.HIT,
+        b"value",
+        False,
+        TailRead.NONE,
+        (),
+    )
+    assert parse_read_session_reply(TOMBSTONE).is_tombstone
+    leased = parse_read_session_reply(int(SessionRead.LEASED))
+    assert (leased.session, leased.value, leased.dropped) == (SessionRead.LEASED, None, False)
+    busy = parse_read_session_reply(SessionRead.BUSY + READ_DROPPED)
+    assert (busy.session, busy.dropped) == (SessionRead.BUSY, True)
+    for bad in (None, "str", True, 0, int(SessionRead.HIT), int(SessionRead.MISSING), 99, [1]):
+        with pytest.raises(ProtocolError):
+            parse_read_session_reply(bad)
+
+
 def test_parse_fill_reply() -> None:
     assert parse_fill_reply(1) is FillResult.INSTALLED
     assert parse_fill_reply(-1) is FillResult.NEWER_CACHED
@@ -286,6 +309,35 @@ def test_fill_needs_its_own_lease(lua: fakeredis.FakeRedis) -> None:
     older = encode_session(make_state(version=4))
     assert fill(keys=keys, args=["token", older, 4, 10_000]) == FillResult.NEWER_CACHED
     assert lua.get(keys[0]) == value
+
+
+def test_read_session_hits_leases_and_drops(lua: fakeredis.FakeRedis) -> None:
+    keys = session_keys("unit:", "read").all()[:2]
+    read = lua.register_script(READ_SESSION)
+    value = encode_session(make_state(version=3))
+    # A miss takes the fill lease for this reader; the next reader finds it busy.
+    assert read(keys=keys, args=read_session_args("mine", 10_000)) == SessionRead.LEASED
+    assert lua.get(keys[1]) == b"mine"
+    assert 0 < lua.pttl(keys[1]) <= 10_000
+    assert read(keys=keys, args=read_session_args("other", 10_000)) == SessionRead.BUSY
+    assert lua.get(keys[1]) == b"mine"
+    # A hit is the value itself, and leaves the lease alone.
+    lua.set(keys[0], value)
+    assert read(keys=keys, args=read_session_args("other", 10_000)) == value
+    # Asked to drop a value that has changed meanwhile, it keeps the new one.
+    assert read(keys=keys, args=read_session_args("x", 10_000, drop_value=b"old")) == value
+    # An undecodable value the client names is dropped, then read as a miss.
+    lua.delete(keys[1])
+    lua.set(keys[0], b"garbage")
+    dropped = read(keys=keys, args=read_session_args("mine", 10_000, drop_value=b"garbage"))
+    assert dropped == SessionRead.LEASED + READ_DROPPED
+    assert lua.exists(keys[0]) == 0
+    # So are an empty value and a key of the wrong type, without being named.
+    lua.set(keys[0], b"")
+    assert read(keys=keys, args=read_session_args("x", 10_000)) == SessionRead.BUSY + READ_DROPPED
+    lua.rpush(keys[0], b"a list")
+    assert read(keys=keys, args=read_session_args("x", 10_000)) == SessionRead.BUSY + READ_DROPPED
+    assert lua.exists(keys[0]) == 0
 
 
 def test_writer_replaces_only_older_copies(lua: fakeredis.FakeRedis) -> None:
