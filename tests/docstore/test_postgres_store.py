@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import fields
+from datetime import datetime, timedelta, timezone
 from functools import partial
 
 import psycopg2
@@ -14,7 +16,8 @@ import pytest
 from contract.docstore_contract import DocumentStoreContract, run_in_threads, unique_name
 from postgres_tables import postgres_store_factory, unique_table
 
-from docstore import DocumentExists, DocumentStore, PostgresDocumentStore
+from docstore import Document, DocumentExists, DocumentStore, PostgresDocumentStore
+from docstore.postgres import _to_document
 
 
 def index_count(dsn: str, table: str) -> int:
@@ -182,3 +185,16 @@ class TestRealPostgresDocumentStore(PostgresStoreTests, DocumentStoreContract):
         finally:
             conn.close()
         return collation in ("C", "POSIX") or collation.startswith("C.")
+
+
+def test_rows_become_documents_field_by_field() -> None:
+    # _to_document fills Document's fields by name, in the order of the row.
+    now = datetime.now(timezone.utc)
+    row = ("id", "coll", {"a": [1]}, now, now + timedelta(seconds=1), 3, None)
+    built = _to_document(row)
+    assert built == Document(*row)
+    assert vars(built) == {
+        field.name: value for field, value in zip(fields(Document), row, strict=True)
+    }
+    with pytest.raises(ValueError):
+        _to_document(row[:-1])
