@@ -58,6 +58,7 @@ from session import SessionStore  # noqa: E402
 from session.coherence import (  # noqa: E402
     READ,
     READ_SESSION,
+    MessageWindow,
     SessionKeys,
     new_lease_token,
     read_args,
@@ -396,7 +397,7 @@ def script_costs(cache: redis.Redis, keys: SessionKeys, rounds: int) -> None:
     all_keys = list(keys.all())
     # The value is cached, so READ_SESSION never takes its lease; READ is told not to.
     session_args: list[Any] = read_session_args(new_lease_token(), 2000)
-    args: list[Any] = read_args(new_lease_token(), 2000, take_lease=False)
+    args: list[Any] = read_args(new_lease_token(), 2000, MessageWindow(limit=20), take_lease=False)
 
     def get(i: int) -> object:
         return cache.get(keys.value)

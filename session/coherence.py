@@ -180,10 +180,11 @@ class TailRead(IntEnum):
     PARTIAL = 4  # a tail is cached but the request reaches older messages
 
 
+# The session and a window of its message tail, for get_messages.
 # KEYS: value, lease, tail, fence, tail_lease.
 # ARGV: 1 lease token, 2 lease ms, 3 value to drop ('' for none), 4 take the
-# session lease on a miss (0/1), 5 want the tail (0/1), 6 drop the tail (0/1),
-# 7 after_seq, 8 before_seq, 9 limit (NO_VALUE for none).
+# session lease on a miss (0/1), 5 drop the tail (0/1),
+# 6 after_seq, 7 before_seq, 8 limit (NO_VALUE for none).
 # Reply: {session code, value or '', dropped (0/1), tail code, messages...}.
 READ = (
     VERSION_OF_LUA
@@ -204,10 +205,10 @@ if not value then
   end
   return {{{SessionRead.BUSY}, '', dropped, 0}}
 end
-if ARGV[5] ~= '1' or value == TOMBSTONE then
-  return {{{SessionRead.HIT}, value, dropped, 0}}
+if value == TOMBSTONE then
+  return {{{SessionRead.HIT}, value, dropped, {TailRead.NONE}}}
 end
-if ARGV[6] == '1' then
+if ARGV[5] == '1' then
   redis.call('DEL', KEYS[3], KEYS[4])
   dropped = 1
 end
@@ -226,7 +227,7 @@ end
 -- The tail holds seqs first..last without gaps; last is the conversation's last seq.
 local last = tonumber(fence)
 local first = last - length + 1
-local after, before, limit = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
+local after, before, limit = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
 local low, high = 1, last
 if after >= 0 then low = after + 1 end
 if before >= 0 and before - 1 < high then high = before - 1 end
@@ -417,7 +418,7 @@ class MessageWindow:
         return self.limit is not None and self.after_seq is None
 
     def as_argv(self) -> tuple[int, int, int]:
-        """Return after_seq, before_seq, limit as READ's ARGV 7-9."""
+        """Return after_seq, before_seq, limit as READ's ARGV 6-8."""
         return (
             NO_VALUE if self.after_seq is None else self.after_seq,
             NO_VALUE if self.before_seq is None else self.before_seq,
@@ -428,25 +429,15 @@ class MessageWindow:
 def read_args(
     token: str,
     lease_ms: int,
+    window: MessageWindow,
     *,
     drop_value: bytes = b"",
     take_lease: bool = True,
-    window: MessageWindow | None = None,
     drop_tail: bool = False,
 ) -> list[object]:
     """Return the ARGV of the READ script."""
-    after, before, limit = (window or MessageWindow()).as_argv()
-    return [
-        token,
-        lease_ms,
-        drop_value,
-        int(take_lease),
-        int(window is not None),
-        int(drop_tail),
-        after,
-        before,
-        limit,
-    ]
+    after, before, limit = window.as_argv()
+    return [token, lease_ms, drop_value, int(take_lease), int(drop_tail), after, before, limit]
 
 
 def read_session_args(token: str, lease_ms: int, *, drop_value: bytes = b"") -> list[object]:

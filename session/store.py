@@ -960,9 +960,7 @@ class SessionStore:
                         coherence.parse_read_session_reply,
                     )
                 else:
-                    args = coherence.read_args(
-                        token, self._fill_lease_ms, drop_value=drop, window=window
-                    )
+                    args = coherence.read_args(token, self._fill_lease_ms, window, drop_value=drop)
                     reply = self._run("READ", keys.all(), args, coherence.parse_read_reply)
                 if reply is None:
                     self._stats.add("misses")
@@ -1040,7 +1038,7 @@ class SessionStore:
     def _read_tail(self, session_id: str, state: SessionState, window: MessageWindow) -> _Lookup:
         """Ask Redis about the tail only (the session itself is already known)."""
         token = coherence.new_lease_token()
-        args = coherence.read_args(token, self._fill_lease_ms, take_lease=False, window=window)
+        args = coherence.read_args(token, self._fill_lease_ms, window, take_lease=False)
         reply = self._run("READ", self._keys(session_id).all(), args, coherence.parse_read_reply)
         if reply is None or reply.session is not SessionRead.HIT or reply.is_tombstone:
             return _Lookup(state)
@@ -1068,7 +1066,7 @@ class SessionStore:
     def _drop_tail(self, session_id: str, state: SessionState, window: MessageWindow) -> _Lookup:
         token = coherence.new_lease_token()
         args = coherence.read_args(
-            token, self._fill_lease_ms, take_lease=False, window=window, drop_tail=True
+            token, self._fill_lease_ms, window, take_lease=False, drop_tail=True
         )
         reply = self._run("READ", self._keys(session_id).all(), args, coherence.parse_read_reply)
         if reply is None or reply.session is not SessionRead.HIT or reply.tail is TailRead.HIT:
