@@ -187,9 +187,14 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(
-        name: str, handler: Callable[[argparse.Namespace], int], text: str
+        name: str,
+        handler: Callable[[argparse.Namespace], int],
+        text: str,
+        *,
+        takes_id: bool = False,
     ) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=text, description=text, epilog=_DASH_HINT)
+        epilog = _DASH_HINT if takes_id else None
+        sub = commands.add_parser(name, help=text, description=text, epilog=epilog)
         sub.set_defaults(handler=handler)
         return sub
 
@@ -205,17 +210,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--recover", metavar="FILE", help=argparse.SUPPRESS
     )  # the restarted process's half of the demo
 
-    get = command("get", _get, "print a session as JSON")
+    get = command("get", _get, "print a session as JSON", takes_id=True)
     get.add_argument("session_id", metavar="SESSION_ID")
 
-    messages = command("messages", _messages, "print a session's messages, oldest first")
+    messages = command(
+        "messages", _messages, "print a session's messages, oldest first", takes_id=True
+    )
     messages.add_argument("session_id", metavar="SESSION_ID")
     messages.add_argument(
         "--limit", type=_count, help="only the newest N (with --after-seq: the first N after it)"
     )
     messages.add_argument("--after-seq", type=_count, help="only the messages after this seq")
 
-    listing = command("list", _list, "print a user's live sessions, most recently updated first")
+    listing = command(
+        "list", _list, "print a user's live sessions, most recently updated first", takes_id=True
+    )
     listing.add_argument("user_id", metavar="USER_ID")
     listing.add_argument("--limit", type=_count, default=100)
     listing.add_argument(
