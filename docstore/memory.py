@@ -13,6 +13,7 @@ import itertools
 import operator
 import re
 import threading
+import time
 import uuid
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -283,9 +284,18 @@ class MemoryDocumentStore(DocumentStore):
     and a failing transaction block undoes everything done inside it.
     `close()` releases nothing and may be called any number of times; the store
     keeps working after it.
+
+    `clock` is the wall clock (seconds since the epoch, `time.time` by default)
+    that timestamps and expiry are computed from: a test injects one to move
+    time without waiting (PostgreSQL uses its own `now()` instead).
     """
 
-    def __init__(self, *, max_document_bytes: int = DEFAULT_MAX_DOCUMENT_BYTES) -> None:
+    def __init__(
+        self,
+        *,
+        max_document_bytes: int = DEFAULT_MAX_DOCUMENT_BYTES,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         if (
             isinstance(max_document_bytes, bool)
             or not isinstance(max_document_bytes, int)
@@ -293,6 +303,10 @@ class MemoryDocumentStore(DocumentStore):
         ):
             raise ValueError(f"max_document_bytes must be an int >= 1, not {max_document_bytes!r}")
         self._max_document_bytes = max_document_bytes
+        # The default clock keeps the plain datetime.now() call on every hot path.
+        self._now: Callable[[], datetime] = (
+            _now if clock is time.time else lambda: datetime.fromtimestamp(clock(), timezone.utc)
+        )
         self._lock = threading.RLock()
         self._collections: dict[str, dict[str, _Record]] = {}
         self._indexes: dict[str, dict[IndexPaths, bool]] = {}  # paths -> unique
@@ -422,7 +436,7 @@ class MemoryDocumentStore(DocumentStore):
         ttl_seconds = check_ttl(ttl)
         _check_expected_version(expected_version)
         with self._write():
-            now = _now()
+            now = self._now()
             record = self._live(collection, id, now)
             if record is None:
                 return None
@@ -447,7 +461,7 @@ class MemoryDocumentStore(DocumentStore):
         stored = self._encode(data)
         ttl_seconds = check_ttl(ttl)
         with self._write():
-            now = _now()
+            now = self._now()
             if self._live(collection, doc_id, now) is not None:
                 raise DocumentExists(f"{collection!r} already holds a document {doc_id!r}")
             return self._save(collection, doc_id, stored, ttl_seconds, now)
@@ -457,7 +471,7 @@ class MemoryDocumentStore(DocumentStore):
         check_name("collection", collection)
         check_name("id", id)
         with self._lock:
-            record = self._live(collection, id, _now())
+            record = self._live(collection, id, self._now())
             return None if record is None else self._document(collection, id, record)
 
     def update(
@@ -493,7 +507,7 @@ class MemoryDocumentStore(DocumentStore):
         new_data = self._encode(data)
         ttl_seconds = check_ttl(ttl)
         with self._write():
-            now = _now()
+            now = self._now()
             record = self._live(collection, id, now)
             if record is not None:
                 new_data = self._encode(record.data | new_data)
@@ -505,7 +519,7 @@ class MemoryDocumentStore(DocumentStore):
         check_name("id", id)
         _check_expected_version(expected_version)
         with self._write():
-            record = self._live(collection, id, _now())
+            record = self._live(collection, id, self._now())
             if record is None:
                 return False
             _check_version(collection, id, record, expected_version)
@@ -531,7 +545,7 @@ class MemoryDocumentStore(DocumentStore):
         with self._lock:
             rows = [
                 row
-                for row in self._live_rows(collection, _now())
+                for row in self._live_rows(collection, self._now())
                 if matches(row[1].data) and beyond(row)
             ]
             _sort_rows(rows, keys)
@@ -544,13 +558,13 @@ class MemoryDocumentStore(DocumentStore):
         check_name("collection", collection)
         matches = _compile_filters(filters)
         with self._lock:
-            rows = self._live_rows(collection, _now())
+            rows = self._live_rows(collection, self._now())
             return sum(1 for _, record in rows if matches(record.data))
 
     def list_collections(self) -> list[str]:
         """Return the names of collections holding a live document, sorted by code point."""
         with self._lock:
-            now = _now()
+            now = self._now()
             return sorted(
                 name
                 for name, docs in self._collections.items()
@@ -561,7 +575,7 @@ class MemoryDocumentStore(DocumentStore):
         """Delete every document of the collection; True if it held a live one."""
         check_name("collection", collection)
         with self._write():
-            held_live = bool(self._live_rows(collection, _now()))
+            held_live = bool(self._live_rows(collection, self._now()))
             removed = self._collections.pop(collection, None)
             if removed is not None:
                 self._undo.append(lambda: self._collections.__setitem__(collection, removed))
@@ -590,7 +604,7 @@ class MemoryDocumentStore(DocumentStore):
                 return
             if unique:
                 seen: dict[Hashable, str] = {}
-                for doc_id, record in self._live_rows(collection, _now()):
+                for doc_id, record in self._live_rows(collection, self._now()):
                     key = _index_key(record.data, index_paths)
                     if key is None:
                         continue
@@ -631,7 +645,7 @@ class MemoryDocumentStore(DocumentStore):
         ttl_seconds = check_ttl(ttl)
         parent_ttl_seconds = check_ttl(parent_ttl)
         with self._write():
-            now = _now()
+            now = self._now()
             parent_record = self._live(parent_collection, parent_id, now)
             if parent_record is None:
                 return None
@@ -671,7 +685,7 @@ class MemoryDocumentStore(DocumentStore):
         check_name("new_id", new_id)
         _check_expected_version(expected_version)
         with self._write():
-            now = _now()
+            now = self._now()
             record = self._live(collection, id, now)
             if record is None:
                 return None
@@ -693,7 +707,7 @@ class MemoryDocumentStore(DocumentStore):
         with self._write():
             doomed = [
                 doc_id
-                for doc_id, record in self._live_rows(collection, _now())
+                for doc_id, record in self._live_rows(collection, self._now())
                 if matches(record.data)
             ]
             for doc_id in doomed:
@@ -731,7 +745,7 @@ class MemoryDocumentStore(DocumentStore):
         while True:
             # The lock is released between batches so other threads are not held up.
             with self._write():
-                now = _now()
+                now = self._now()
                 names = list(self._collections) if collection is None else [collection]
                 expired = (
                     (name, doc_id)

@@ -218,6 +218,15 @@ RICH_DATA: dict[str, Any] = {
 # --------------------------------------------------------------------------- the suite
 
 
+# Every write that slides a session's idle lifetime (docs/session.md, "Expiry").
+# rotate_session_id moves the session but keeps its expiry.
+SLIDING_WRITES: dict[str, Callable[[SessionStore, str], object]] = {
+    "update_session": lambda store, session_id: store.update_session(session_id, {"a": 1}),
+    "touch_session": lambda store, session_id: store.touch_session(session_id),
+    "add_message": lambda store, session_id: store.add_message(session_id, "user", "hi"),
+}
+
+
 class SessionStoreContract:
     """Every guarantee of API.md's session section, and of docs/session.md."""
 
@@ -555,22 +564,53 @@ class SessionStoreContract:
     def test_touch_missing(self, store: SessionStore) -> None:
         assert store.touch_session("missing") is False
 
-    def test_writes_slide_the_idle_lifetime(self, make_store: Callable[..., SessionStore]) -> None:
+    @pytest.mark.parametrize("write", sorted(SLIDING_WRITES))
+    def test_writes_slide_the_idle_lifetime(
+        self,
+        make_store: Callable[..., SessionStore],
+        session_docstore: docstore.DocumentStore,
+        write: str,
+    ) -> None:
+        """The write moves the expiry to `session_ttl` from the docstore's now, in both tiers.
+
+        The session starts with a 50 s lifetime, so an expiry the write did not
+        move stays about 950 s short of the mark. The memory docstore runs on
+        the injected clock, which moves between the writes: each new expiry is
+        exact. PostgreSQL takes its own now(): there it is checked within
+        CLOCK_TOLERANCE, still far closer than an unmoved expiry could be.
+        """
         clock = FakeClock()
-        store = make_store(session_ttl=1000, clock=clock)
-        created = store.create_session()
-        assert created.expires_at is not None
-        updated = store.update_session(created.id, {"a": 1})
-        assert updated.expires_at is not None and updated.expires_at >= created.expires_at
-        # An append slides the expiry in the same statement: one version per append.
-        store.add_message(created.id, "user", "first")
-        fresh = cast(Session, store.get_session(created.id))
-        assert fresh.version == updated.version + 1
-        assert fresh.expires_at is not None and fresh.expires_at >= updated.expires_at
-        store.add_message(created.id, "user", "second")
-        slid = cast(Session, store.get_session(created.id))
-        assert slid.version == fresh.version + 1
-        assert slid.expires_at is not None and slid.expires_at >= fresh.expires_at
+        backing, tolerance = session_docstore, CLOCK_TOLERANCE
+        if isinstance(session_docstore, docstore.MemoryDocumentStore):
+            backing, tolerance = docstore.MemoryDocumentStore(clock=clock), timedelta(0)
+
+        def docstore_now() -> datetime:
+            if tolerance:
+                return datetime.now(timezone.utc)
+            return datetime.fromtimestamp(clock(), timezone.utc)
+
+        store = make_store(docstore=backing, session_ttl=1000, clock=clock)
+        plain = make_store(docstore=backing, cache=None, clock=clock)
+        created = store.create_session(ttl=50)
+        previous = created.expires_at
+        assert previous is not None
+        for _ in range(2):
+            clock.advance(20)
+            store.get_session(created.id)  # a cached copy the write must refresh
+            SLIDING_WRITES[write](store, created.id)
+            expected = docstore_now() + timedelta(seconds=1000)
+            for reader in (store, plain):
+                slid = reader.get_session(created.id)
+                assert slid is not None and slid.expires_at is not None
+                assert abs(slid.expires_at - expected) <= tolerance, f"{write} did not slide it"
+            assert slid.expires_at > previous
+            if not tolerance:
+                # Moved by exactly the time that passed, or from 50 s to 1000 s.
+                assert slid.expires_at - previous in (
+                    timedelta(seconds=20),
+                    timedelta(seconds=970),
+                )
+            previous = slid.expires_at
 
     def test_expired_session_is_gone_from_both_tiers(
         self, make_store: Callable[..., SessionStore], cache: redis.Redis | None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
@@ -30,3 +31,20 @@ class TestMemoryDocumentStore(DocumentStoreContract):
         first.create("c", {"a": 1}, id="x")
         assert second.read("c", "x") is None
         assert second.list_collections() == []
+
+
+def test_an_injected_clock_drives_timestamps_and_expiry() -> None:
+    now = [1_700_000_000.0]
+    store = MemoryDocumentStore(clock=lambda: now[0])
+    start = datetime.fromtimestamp(now[0], timezone.utc)
+    created = store.create("c", {"a": 1}, ttl=10)
+    assert created.created_at == created.updated_at == start
+    assert created.expires_at == start + timedelta(seconds=10)
+    now[0] += 9.5
+    updated = store.update("c", created.id, {"a": 2}, ttl=10)
+    assert updated is not None
+    assert updated.updated_at == start + timedelta(seconds=9.5)
+    assert updated.expires_at == start + timedelta(seconds=19.5)
+    now[0] += 10
+    assert store.read("c", created.id) is None
+    assert store.purge_expired() == 1
