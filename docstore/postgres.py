@@ -215,8 +215,11 @@ class PostgresDocumentStore(DocumentStore):
             raise ValueError("connect_timeout and statement_timeout must be positive")
         try:
             dsn_parts = psycopg2.extensions.parse_dsn(dsn)
-        except psycopg2.Error as exc:
-            raise DocstoreError(f"invalid PostgreSQL connection string: {exc}") from None
+        except psycopg2.Error:
+            # libpq's message quotes the string, password included: leave it out.
+            raise DocstoreError(
+                "invalid PostgreSQL connection string (not a postgresql:// URL or key=value pairs)"
+            ) from None
         options = " ".join(
             part
             for part in (

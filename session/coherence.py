@@ -35,6 +35,7 @@ __all__ = [
     "glob_escape",
     "SessionKeys",
     "session_keys",
+    "check_key_prefix",
     "new_lease_token",
     "cache_px",
     "SessionRead",
@@ -79,6 +80,15 @@ class SessionKeys:
     def all(self) -> tuple[str, str, str, str, str]:
         """Return every key, in the KEYS order the scripts expect."""
         return (self.value, self.lease, self.tail, self.fence, self.tail_lease)
+
+
+def check_key_prefix(key_prefix: object) -> None:
+    """Raise ValueError unless `key_prefix` can name this store's keys: a str without braces.
+
+    The session id must be the keys' hash tag; a brace in the prefix would steal it.
+    """
+    if not isinstance(key_prefix, str) or "{" in key_prefix or "}" in key_prefix:
+        raise ValueError("a key prefix must be a str without braces")
 
 
 def session_keys(key_prefix: str, session_id: str) -> SessionKeys:

@@ -15,11 +15,15 @@ from redis.retry import Retry
 from docstore import get_document_store
 from docstore.config import MEMORY_URL, URL_VARIABLES
 
+from .coherence import check_key_prefix
 from .store import SessionStore
 
 __all__ = [
     "get_session_store",
     "redis_client_from_url",
+    "check_redis_url",
+    "check_postgres_dsn",
+    "check_key_prefix",
     "describe_backends",
     "Backends",
     "REDIS_VARIABLE",
@@ -44,6 +48,33 @@ def redis_client_from_url(url: str) -> redis.Redis:
         retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
         health_check_interval=30,
     )
+
+
+def check_redis_url(url: str) -> None:
+    """Raise ValueError unless redis-py can parse `url` (the message never quotes the URL)."""
+    try:
+        # Builds the pool's settings only: nothing connects.
+        redis.ConnectionPool.from_url(url)
+    except ValueError as exc:
+        # redis-py's messages name the scheme or the port, never the whole URL.
+        raise ValueError(f"not a Redis URL (redis://, rediss:// or unix://): {exc}") from None
+
+
+def check_postgres_dsn(dsn: str) -> None:
+    """Raise ValueError (never quoting the string) unless libpq can parse `dsn`.
+
+    Also checks what libpq only checks when connecting: the port must be a number.
+    """
+    try:
+        parts = psycopg2.extensions.parse_dsn(dsn)
+    except psycopg2.Error:
+        # libpq's message repeats the string, password included: leave it out.
+        raise ValueError(
+            "not a PostgreSQL connection string (a postgresql:// URL or key=value pairs)"
+        ) from None
+    for port in (parts.get("port") or "").split(","):
+        if port and not port.strip().isdigit():
+            raise ValueError("the port of the PostgreSQL connection string is not a number")
 
 
 def _in_process_redis() -> redis.Redis:

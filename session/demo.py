@@ -35,7 +35,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TextIO, TypeVar
 
-from .config import Backends, describe_backends, get_session_store
+from .coherence import session_keys
+from .config import (
+    REDIS_VARIABLE,
+    Backends,
+    describe_backends,
+    get_session_store,
+    redis_client_from_url,
+)
 from .models import Message, Session
 from .store import SessionStore, short_hash
 
@@ -53,6 +60,7 @@ REPORTED = ("hits", "misses", "message_hits", "message_misses", "cache_errors")
 
 EXIT_OK = 0
 EXIT_MISMATCH = 1
+DEFAULT_KEY_PREFIX = "sess:"
 
 
 @dataclass
@@ -133,6 +141,7 @@ def run_demo(
     sessions: int = DEFAULT_SESSIONS,
     messages: int = DEFAULT_MESSAGES,
     keep: bool = False,
+    key_prefix: str = DEFAULT_KEY_PREFIX,
     out: TextIO | None = None,
 ) -> int:
     """Run the demo in this process and a restarted one; return the exit status."""
@@ -141,7 +150,7 @@ def run_demo(
     backends = describe_backends()
     print(f"docstore-session demo, run {run}", file=out)
     _describe(backends, out)
-    with _open_store(out) as store:
+    with _open_store(out, functools.partial(get_session_store, key_prefix=key_prefix)) as store:
         ids: list[str] = []
         with _step(store, f"write {sessions} sessions x {messages} msgs", out) as timer:
             for number in range(sessions):
@@ -177,7 +186,7 @@ def run_demo(
             if not backends.persistent:
                 print("restart skipped: the memory store keeps nothing across processes", file=out)
             else:
-                problems += _restart(run, expected, out)
+                problems += _restart(run, expected, key_prefix, out)
                 problems += _continue(store, ids, messages, out)
         finally:
             if keep:
@@ -189,7 +198,7 @@ def run_demo(
     return _verdict(problems, out)
 
 
-def _restart(run: str, expected: list[dict[str, Any]], out: TextIO) -> list[str]:
+def _restart(run: str, expected: list[dict[str, Any]], key_prefix: str, out: TextIO) -> list[str]:
     """Run `demo --recover` in a new process; return what went wrong."""
     descriptor, path = tempfile.mkstemp(prefix="session-demo-", suffix=".json")
     try:
@@ -201,7 +210,8 @@ def _restart(run: str, expected: list[dict[str, Any]], out: TextIO) -> list[str]
         started = time.perf_counter()
         try:
             completed = subprocess.run(
-                [sys.executable, "-m", "session", "demo", "--recover", path],
+                [sys.executable, "-m", "session", "demo", "--recover", path]
+                + ["--key-prefix", key_prefix],
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 text=True,
@@ -233,7 +243,7 @@ def _continue(store: SessionStore, ids: list[str], messages: int, out: TextIO) -
     return problems
 
 
-def recover(path: str, *, out: TextIO | None = None) -> int:
+def recover(path: str, *, key_prefix: str = DEFAULT_KEY_PREFIX, out: TextIO | None = None) -> int:
     """Read back every conversation recorded in `path`, cold then hot; return the exit status."""
     out = out or sys.stdout
     with open(path, encoding="utf-8") as handle:
@@ -243,20 +253,26 @@ def recover(path: str, *, out: TextIO | None = None) -> int:
     ids = [record["id"] for record in expected]
     backends = describe_backends()
     print(f"  [pid {os.getpid()}] restarted with an empty cache", file=out)
-    open_store: Callable[[], SessionStore] = get_session_store
+    own_prefix = key_prefix
     if backends.shared_cache:
-        # The first process's copies are in this Redis: start from a namespace of our own.
-        open_store = functools.partial(
-            get_session_store, key_prefix=f"sess-demo-{run}:", cache_ttl=RESTART_CACHE_TTL
-        )
+        # The first process's copies are in this Redis: start from a namespace of our
+        # own, next to the first one's (not inside it, where its fence would meet it).
+        own_prefix = f"{key_prefix.rstrip(':')}-restart-{run}:"
+    open_store = functools.partial(
+        get_session_store, key_prefix=own_prefix, cache_ttl=RESTART_CACHE_TTL
+    )
     problems: list[str] = []
-    with _open_store(out, open_store) as store:
-        with _step(store, "read 1 (cold: from PostgreSQL)", out) as timer:
-            cold = _read_all(store, ids, timer)
-        with _step(store, "read 2 (hot: Redis only)", out) as timer:
-            hot = _read_all(store, ids, timer)
-        if store.stats()["misses"] < len(ids):
-            problems.append("the cold read was answered by a cache that should be empty")
+    try:
+        with _open_store(out, open_store) as store:
+            with _step(store, "read 1 (cold: from PostgreSQL)", out) as timer:
+                cold = _read_all(store, ids, timer)
+            with _step(store, "read 2 (hot: Redis only)", out) as timer:
+                hot = _read_all(store, ids, timer)
+            if store.stats()["misses"] < len(ids):
+                problems.append("the cold read was answered by a cache that should be empty")
+    finally:
+        if backends.shared_cache:
+            _drop_copies(own_prefix, ids)
     for record in expected:
         sid = record["id"]
         label = f"session {short_hash(sid)}"
@@ -278,6 +294,14 @@ def recover(path: str, *, out: TextIO | None = None) -> int:
             file=out,
         )
     return _verdict(problems, out, final=False)
+
+
+def _drop_copies(key_prefix: str, ids: list[str]) -> None:
+    """Delete this process's copies from the shared Redis: nobody would invalidate them."""
+    with redis_client_from_url(os.environ[REDIS_VARIABLE]) as client:
+        keys = [key for sid in ids for key in session_keys(key_prefix, sid).all()]
+        if keys:
+            client.delete(*keys)
 
 
 def _verdict(problems: list[str], out: TextIO, *, final: bool = True) -> int:

@@ -245,9 +245,12 @@ class SessionStore:
         self._fill_lease_ms = max(1, int(_seconds("fill_lease_ttl", fill_lease_ttl) * 1000))
         self._tombstone_ms = max(1, int(_seconds("tombstone_ttl", tombstone_ttl) * 1000))
         self._lease_wait = _seconds("lease_wait", lease_wait, allow_zero=True)
-        if not isinstance(key_prefix, str) or "{" in key_prefix or "}" in key_prefix:
-            # The session id must be the keys' hash tag; a brace in the prefix would steal it.
-            raise ValueError(f"key_prefix must be a str without braces, not {key_prefix!r}")
+        try:
+            coherence.check_key_prefix(key_prefix)
+        except ValueError:
+            raise ValueError(
+                f"key_prefix must be a str without braces, not {key_prefix!r}"
+            ) from None
         if isinstance(tail_size, bool) or not isinstance(tail_size, int) or tail_size < 0:
             raise ValueError(f"tail_size must be an int >= 0, not {tail_size!r}")
         if cache is not None and cache.get_encoder().decode_responses:

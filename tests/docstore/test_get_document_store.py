@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from docstore import (
+    DocstoreError,
     DocumentStore,
     MemoryDocumentStore,
     PostgresDocumentStore,
@@ -94,3 +95,11 @@ def test_no_configuration_starts_the_embedded_server(
     with get_document_store() as again:
         assert isinstance(again, PostgresDocumentStore)
         assert again.read("c", "x") == created
+
+
+@pytest.mark.parametrize("url", ["mysql://app:hunter2@db/chat", "host=db password='hunter2"])
+def test_an_unparsable_url_is_named_without_its_password(url: str) -> None:
+    with pytest.raises(DocstoreError) as raised:
+        get_document_store(url)
+    assert "invalid PostgreSQL connection string" in str(raised.value)
+    assert "hunter2" not in str(raised.value)

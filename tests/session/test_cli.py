@@ -23,11 +23,11 @@ import session.cli
 import session.store
 from docstore import MemoryDocumentStore, PostgresDocumentStore
 from session import SessionStore
-from session.cli import EXIT_FAILED, EXIT_OK, EXIT_UNAVAILABLE, main
+from session.cli import EXIT_FAILED, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE, main
 from session.config import describe_backends
 from session.store import short_hash
 
-SERVER_VARIABLES = ("POSTGRES_CONNECTION_STRING", "DATABASE_URL", "REDIS_URL")
+SERVER_VARIABLES = ("POSTGRES_CONNECTION_STRING", "DATABASE_URL", "REDIS_URL", "SESSION_KEY_PREFIX")
 
 
 @pytest.fixture
@@ -39,16 +39,35 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
 
 
 @pytest.fixture
-def shared_store(clean_env: pytest.MonkeyPatch) -> Iterator[SessionStore]:
-    """Make every command open a store on one memory docstore and one fakeredis server."""
+def opened_prefixes() -> list[str]:
+    """The key prefixes of the stores the commands opened, in order."""
+    return []
+
+
+@pytest.fixture
+def fake_server() -> fakeredis.FakeServer:
+    return fakeredis.FakeServer()
+
+
+@pytest.fixture
+def shared_store(
+    clean_env: pytest.MonkeyPatch, opened_prefixes: list[str], fake_server: fakeredis.FakeServer
+) -> Iterator[SessionStore]:
+    """Make every command open a store on one memory docstore and one fakeredis server.
+
+    The key prefix each command asked for is recorded in `opened_prefixes`.
+    """
     documents = MemoryDocumentStore()
-    server = fakeredis.FakeServer()
+    server = fake_server
     clients: list[fakeredis.FakeRedis] = []
 
-    def open_store() -> SessionStore:
+    def open_store(
+        *, docstore_url: str | None = None, redis_url: str | None = None, key_prefix: str = "sess:"
+    ) -> SessionStore:
+        opened_prefixes.append(key_prefix)
         client = fakeredis.FakeRedis(server=server)
         clients.append(client)
-        return SessionStore(documents, client, owns_cache=True)
+        return SessionStore(documents, client, owns_cache=True, key_prefix=key_prefix)
 
     clean_env.setattr(session.cli, "get_session_store", open_store)
     with open_store() as store:
@@ -129,16 +148,19 @@ def test_purge_expired(shared_store: SessionStore, capsys: pytest.CaptureFixture
     kept = shared_store.create_session()
     wait_until(lambda: shared_store.get_session(doomed.id) is None, what="the session to expire")
     assert main(["purge-expired", "--batch-size", "10"]) == EXIT_OK
-    assert capsys.readouterr().out.strip() == "purged 2 expired documents"
+    assert json.loads(capsys.readouterr().out) == {"purged": 2}
     assert shared_store.get_session(kept.id) == kept
 
 
 def test_check_healthy(clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     clean_env.setenv("DATABASE_URL", "memory://")
     assert main(["check"]) == EXIT_OK
-    out = capsys.readouterr().out
-    assert "PostgreSQL: ok" in out and "Redis: ok" in out
-    assert "in-memory store" in out and "in-process fakeredis" in out
+    report = json.loads(capsys.readouterr().out)
+    assert report["healthy"] is True
+    assert report["postgres"]["ok"] is True and report["redis"]["ok"] is True
+    assert "in-memory store" in report["postgres"]["backend"]
+    assert "in-process fakeredis" in report["redis"]["backend"]
+    assert report["key_prefix"] == "sess:"
 
 
 def test_check_reports_an_unreachable_redis(
@@ -146,9 +168,12 @@ def test_check_reports_an_unreachable_redis(
 ) -> None:
     clean_env.setenv("DATABASE_URL", "memory://")
     clean_env.setenv("REDIS_URL", "redis://:secret@127.0.0.1:1/0")
-    assert main(["check"]) == EXIT_FAILED
+    assert main(["check"]) == EXIT_UNAVAILABLE
     out = capsys.readouterr().out
-    assert "Redis: FAILED" in out
+    report = json.loads(out)
+    assert report["healthy"] is False
+    assert report["postgres"]["ok"] is True
+    assert report["redis"]["ok"] is False and "unreachable" in report["redis"]["error"]
     assert "secret" not in out
 
 
@@ -156,20 +181,121 @@ def test_check_reports_an_unreachable_postgres(
     clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     clean_env.setenv("POSTGRES_CONNECTION_STRING", "postgresql://u:secret@127.0.0.1:1/x")
-    assert main(["check"]) == EXIT_FAILED
+    assert main(["check"]) == EXIT_UNAVAILABLE
     out = capsys.readouterr().out
-    assert "PostgreSQL: FAILED" in out
+    report = json.loads(out)
+    assert report["healthy"] is False and report["postgres"]["ok"] is False
+    assert "cannot" in report["postgres"]["error"]
     assert "secret" not in out
 
 
-def test_unavailable_store_exits_3(
-    clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+# Every command, with the arguments it needs, as the exit-status tests run it.
+EVERY_COMMAND = [
+    ["get", "some-id"],
+    ["messages", "some-id"],
+    ["list", "alice"],
+    ["purge-expired"],
+    ["check"],
+    ["demo", "--sessions", "1", "--messages", "1"],
+]
+
+
+@pytest.mark.parametrize("argv", EVERY_COMMAND, ids=lambda argv: argv[0])
+def test_unavailable_postgres_exits_3_from_every_command(
+    argv: list[str], clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     clean_env.setenv("POSTGRES_CONNECTION_STRING", "postgresql://u@127.0.0.1:1/x")
-    assert main(["get", "some-id"]) == EXIT_UNAVAILABLE
+    assert main(argv) == EXIT_UNAVAILABLE
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err
+    if argv[0] != "check":  # check reports in its JSON instead
+        assert captured.err.startswith("session-store: cannot connect")
+
+
+def test_a_failing_redis_is_reported_but_the_answer_stands(
+    clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    clean_env.setenv("DATABASE_URL", "memory://")
+    clean_env.setenv("REDIS_URL", "redis://127.0.0.1:1/0")
+    assert main(["get", "missing"]) == EXIT_FAILED
+    assert main(["messages", "missing"]) == EXIT_FAILED
+    err = capsys.readouterr().err
+    assert err.count("warning: Redis unavailable") == 2 and "answered from PostgreSQL" in err
+    assert main(["list", "alice"]) == EXIT_OK  # a docstore query: Redis is not asked
+    assert capsys.readouterr().err == ""
+
+
+MALFORMED = [
+    ("REDIS_URL", "notaurl"),
+    ("REDIS_URL", "redis://:hunter2@host:port/0"),
+    ("POSTGRES_CONNECTION_STRING", "mysql://app:hunter2@db/chat"),
+    ("POSTGRES_CONNECTION_STRING", "postgresql://app:hunter2@db:port/chat"),
+    ("DATABASE_URL", "host=db password='hunter2"),
+    ("SESSION_KEY_PREFIX", "app{hunter2}:"),
+]
+
+
+@pytest.mark.parametrize("argv", EVERY_COMMAND, ids=lambda argv: argv[0])
+@pytest.mark.parametrize(("variable", "value"), MALFORMED)
+def test_a_malformed_variable_is_one_line_naming_it(
+    argv: list[str],
+    variable: str,
+    value: str,
+    clean_env: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    if variable == "REDIS_URL":
+        clean_env.setenv("DATABASE_URL", "memory://")
+    clean_env.setenv(variable, value)
+    assert main(argv) == EXIT_USAGE
     captured = capsys.readouterr()
     assert captured.out == ""
-    assert "session-store:" in captured.err and "Traceback" not in captured.err
+    assert len(captured.err.splitlines()) == 1, captured.err
+    assert captured.err.startswith(f"session-store: {variable}: ")
+    assert "hunter2" not in captured.err
+
+
+def test_a_malformed_variable_in_a_real_process_has_no_traceback() -> None:
+    env = server_free_env() | {"DATABASE_URL": "memory://", "REDIS_URL": "notaurl"}
+    completed = run_cli("check", env=env)
+    assert completed.returncode == EXIT_USAGE
+    assert completed.stdout == ""
+    assert completed.stderr.startswith("session-store: REDIS_URL: not a Redis URL")
+    assert len(completed.stderr.splitlines()) == 1
+
+
+@pytest.mark.parametrize("argv", EVERY_COMMAND, ids=lambda argv: argv[0])
+def test_every_command_takes_a_key_prefix(
+    argv: list[str],
+    shared_store: SessionStore,
+    opened_prefixes: list[str],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setattr(session.demo, "get_session_store", session.cli.get_session_store)
+    opened_prefixes.clear()
+    main([argv[0], "--key-prefix", "app:", *argv[1:]])
+    main(["--key-prefix", "before:", *argv])
+    monkeypatch.setenv("SESSION_KEY_PREFIX", "env:")
+    main(argv)
+    main([*argv, "--key-prefix", "flag-wins:"])
+    capsys.readouterr()
+    assert set(opened_prefixes) == {"app:", "before:", "env:", "flag-wins:"}
+    assert main([*argv, "--key-prefix", "bad{"]) == EXIT_USAGE
+    assert capsys.readouterr().err.startswith("session-store: --key-prefix: ")
+
+
+def test_a_key_prefix_reaches_the_stores_keys(
+    shared_store: SessionStore,
+    fake_server: fakeredis.FakeServer,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    created = shared_store.create_session("alice")
+    assert main(["--key-prefix", "app:", "get", created.id]) == EXIT_OK
+    assert json.loads(capsys.readouterr().out)["id"] == created.id
+    with fakeredis.FakeRedis(server=fake_server) as client:
+        keys = {key.decode() for key in client.scan_iter(match="app:*")}
+    assert keys == {f"app:{{{created.id}}}:s"}  # the command's miss filled its own namespace
 
 
 @pytest.mark.parametrize(
@@ -181,6 +307,28 @@ def test_bad_usage_exits_2(argv: list[str], capsys: pytest.CaptureFixture[str]) 
         main(argv)
     assert raised.value.code == 2
     assert "usage:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "minimum"),
+    [
+        (["messages", "x", "--limit"], "x", 0),
+        (["messages", "x", "--limit"], "-1", 0),
+        (["messages", "x", "--after-seq"], "1.5", 0),
+        (["list", "u", "--limit"], "x", 0),
+        (["purge-expired", "--batch-size"], "x", 1),
+        (["purge-expired", "--batch-size"], "0", 1),
+        (["demo", "--sessions"], "x", 1),
+        (["demo", "--messages"], "0", 1),
+    ],
+)
+def test_integer_options_read_alike(
+    option: list[str], value: str, minimum: int, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as raised:
+        main([*option, value])
+    assert raised.value.code == EXIT_USAGE
+    assert f"expected an integer >= {minimum}, got {value!r}" in capsys.readouterr().err
 
 
 def test_demo_on_a_memory_store(
