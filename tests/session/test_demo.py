@@ -16,13 +16,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import redis
 
 from docstore import PostgresDocumentStore
 from session import SessionStore
 from session.cli import EXIT_FAILED, main
 from session.demo import recover
 
-SERVER_VARIABLES = ("POSTGRES_CONNECTION_STRING", "DATABASE_URL", "REDIS_URL")
+SERVER_VARIABLES = ("POSTGRES_CONNECTION_STRING", "DATABASE_URL", "REDIS_URL", "SESSION_KEY_PREFIX")
 # A session id: 32 random bytes, URL-safe base64 without padding.
 STEP_LINE = re.compile(r"^  (\S.{33}) .*\[(.*)\]$", re.MULTILINE)
 SESSION_ID = re.compile(r"(?<![A-Za-z0-9_-])[A-Za-z0-9_-]{43}(?![A-Za-z0-9_-])")
@@ -81,8 +82,16 @@ def test_demo_on_the_embedded_defaults(embedded_dsn: str, embedded_data_dir: Pat
 
 @pytest.mark.postgres
 @pytest.mark.redis
-def test_demo_on_real_servers(real_dsn: str, redis_url: str) -> None:
-    env = server_free_env() | {"POSTGRES_CONNECTION_STRING": real_dsn, "REDIS_URL": redis_url}
+def test_demo_on_real_servers(
+    real_dsn: str, redis_server_url: str, real_redis: redis.Redis, session_key_prefix: str
+) -> None:
+    # Its own key prefix (`real_redis` deletes what is under it afterwards): never
+    # the default one, which other users of this shared Redis may hold.
+    env = server_free_env() | {
+        "POSTGRES_CONNECTION_STRING": real_dsn,
+        "REDIS_URL": redis_server_url,
+        "SESSION_KEY_PREFIX": session_key_prefix,
+    }
     output = run_demo(env)
     assert "(from POSTGRES_CONNECTION_STRING)" in output and "(from REDIS_URL)" in output
     assert_a_good_run(output)
