@@ -165,7 +165,7 @@ def decode_json(text: str) -> Any:
 
 
 class DocumentStore(ABC):
-    """A JSON document store: every implementation behaves the same (see API.md)."""
+    """A JSON document store: every implementation behaves the same (see docs/api.md)."""
 
     @abstractmethod
     def create(
