@@ -15,8 +15,15 @@ import psycopg2
 import pytest
 from contract.docstore_contract import DocumentStoreContract, run_in_threads, unique_name
 from postgres_tables import postgres_store_factory, unique_table
+from psycopg2 import sql
 
-from docstore import Document, DocumentExists, DocumentStore, PostgresDocumentStore
+from docstore import (
+    Document,
+    DocumentExists,
+    DocumentStore,
+    InvalidDocument,
+    PostgresDocumentStore,
+)
 from docstore.postgres import _to_document
 
 
@@ -143,6 +150,32 @@ class PostgresStoreTests:
         store.ensure_index(coll, ["a", "b"], unique=True)
         store.ensure_index(coll, ["a", "b"], unique=True)
         assert index_count(dsn, table) == once + 1
+
+    def test_numbers_beyond_64_bits_are_refused_but_read_back_as_floats(
+        self, make_store: Callable[..., DocumentStore], dsn: str
+    ) -> None:
+        table = unique_table()
+        store = make_store(table=table)
+        with pytest.raises(InvalidDocument):
+            store.create("c", {"big": 2**63}, id="x")
+        store.create("c", {"big": 1}, id="x")
+        # Another program writes a number this API refuses to write.
+        conn = psycopg2.connect(dsn, connect_timeout=10)
+        try:
+            conn.autocommit = True
+            with conn.cursor() as cur:
+                cur.execute(
+                    sql.SQL("UPDATE {} SET data = %s::jsonb WHERE id = 'x'").format(
+                        sql.Identifier(table)
+                    ),
+                    ('{"big": 9223372036854775808, "edge": 9223372036854775807}',),
+                )
+        finally:
+            conn.close()
+        document = store.read("c", "x")
+        assert document is not None
+        assert document.data == {"big": 9.223372036854775808e18, "edge": 2**63 - 1}
+        assert isinstance(document.data["big"], float) and isinstance(document.data["edge"], int)
 
     def test_more_threads_than_connections_wait_their_turn(
         self, make_store: Callable[..., DocumentStore]
