@@ -40,6 +40,7 @@ from .store import (
     OrderBy,
     Ttl,
     check_name,
+    check_parent,
     check_ttl,
     decode_json,
     encode_data,
@@ -636,10 +637,7 @@ class MemoryDocumentStore(DocumentStore):
     ) -> tuple[Document, Document] | None:
         """Add a child with the parent's next `seq`, bumping the parent; None if it is missing."""
         check_name("collection", collection)
-        if not isinstance(parent, tuple | list) or len(parent) != 2:
-            raise InvalidDocument(f"parent must be a (collection, id) pair, not {parent!r}")
-        parent_collection = check_name("parent collection", parent[0])
-        parent_id = check_name("parent id", parent[1])
+        parent_collection, parent_id = check_parent(parent)
         child_id = str(uuid.uuid4()) if id is None else check_name("id", id)
         child_data = self._encode(data)
         ttl_seconds = check_ttl(ttl)
@@ -671,6 +669,81 @@ class MemoryDocumentStore(DocumentStore):
             )
             self._put(parent_collection, parent_id, bumped)
             return self._document(parent_collection, parent_id, bumped), child
+
+    def pop_child(
+        self,
+        collection: str,
+        filters: Filters,
+        *,
+        parent: tuple[str, str],
+        parent_ttl: Ttl | None = None,
+    ) -> tuple[Document, Document | None] | None:
+        """Delete the live child with the highest `seq`, bumping the parent; None if it is gone."""
+        removed = self._remove_children(collection, filters, parent, parent_ttl, newest_only=True)
+        if removed is None:
+            return None
+        bumped, children = removed
+        return bumped, (children[0] if children else None)
+
+    def delete_children(
+        self,
+        collection: str,
+        filters: Filters,
+        *,
+        parent: tuple[str, str],
+        parent_ttl: Ttl | None = None,
+    ) -> tuple[Document, int] | None:
+        """Delete every live child matching `filters` and bump the parent; None if it is missing."""
+        removed = self._remove_children(collection, filters, parent, parent_ttl, newest_only=False)
+        if removed is None:
+            return None
+        bumped, children = removed
+        return bumped, len(children)
+
+    def _remove_children(
+        self,
+        collection: str,
+        filters: Filters,
+        parent: tuple[str, str],
+        parent_ttl: Ttl | None,
+        *,
+        newest_only: bool,
+    ) -> tuple[Document, list[Document]] | None:
+        check_name("collection", collection)
+        if not isinstance(filters, Mapping):
+            raise InvalidQuery(f"filters must be a mapping, not {type(filters).__name__}")
+        matches = _compile_filters(filters)
+        parent_collection, parent_id = check_parent(parent)
+        parent_ttl_seconds = check_ttl(parent_ttl)
+        with self._write():
+            now = self._now()
+            parent_record = self._live(parent_collection, parent_id, now)
+            if parent_record is None:
+                return None
+            children = [
+                (doc_id, record)
+                for doc_id, record in self._live_rows(collection, now)
+                if _is_number(record.data.get("seq")) and matches(record.data)
+            ]
+            if newest_only:
+                # Ties (children of several parents matched) fall to the highest id,
+                # as on PostgreSQL.
+                children = sorted(children, key=lambda row: (row[1].data["seq"], row[0]))[-1:]
+            removed = [self._document(collection, doc_id, record) for doc_id, record in children]
+            for doc_id, _ in children:
+                self._put(collection, doc_id, None)
+            bumped = dataclasses.replace(
+                parent_record,
+                updated_at=now,
+                version=parent_record.version + 1,
+                expires_at=(
+                    parent_record.expires_at
+                    if parent_ttl_seconds is None
+                    else _expiry(now, parent_ttl_seconds)
+                ),
+            )
+            self._put(parent_collection, parent_id, bumped)
+            return self._document(parent_collection, parent_id, bumped), removed
 
     def rename(
         self, collection: str, id: str, new_id: str, *, expected_version: int | None = None

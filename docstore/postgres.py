@@ -57,6 +57,7 @@ from .store import (
     OrderBy,
     Ttl,
     check_name,
+    check_parent,
     check_ttl,
     decode_json,
     encode_data,
@@ -990,10 +991,7 @@ class PostgresDocumentStore(DocumentStore):
         parent_ttl: Ttl | None = None,
     ) -> tuple[Document, Document] | None:
         check_name("collection", collection)
-        if not isinstance(parent, tuple | list) or len(parent) != 2:
-            raise InvalidDocument("parent must be a (collection, id) pair")
-        parent_collection = check_name("parent collection", parent[0])
-        parent_id = check_name("parent id", parent[1])
+        parent_collection, parent_id = check_parent(parent)
         child_id = check_name("id", id) if id is not None else _new_id()
         # One encoding, with room for the "parent" and "seq" the statement adds.
         added = f',"parent":{json.dumps(parent_id, ensure_ascii=False)},"seq":{_SEQ_PLACEHOLDER}'
@@ -1046,6 +1044,116 @@ class PostgresDocumentStore(DocumentStore):
         if "parent" not in found or "child" not in found:
             return None
         return found["parent"], found["child"]
+
+    def pop_child(
+        self,
+        collection: str,
+        filters: Filters,
+        *,
+        parent: tuple[str, str],
+        parent_ttl: Ttl | None = None,
+    ) -> tuple[Document, Document | None] | None:
+        rows = self._remove_children(collection, filters, parent, parent_ttl, newest_only=True)
+        found = {row[0]: _to_document(row[1:]) for row in rows}
+        if "parent" not in found:
+            return None
+        return found["parent"], found.get("child")
+
+    def delete_children(
+        self,
+        collection: str,
+        filters: Filters,
+        *,
+        parent: tuple[str, str],
+        parent_ttl: Ttl | None = None,
+    ) -> tuple[Document, int] | None:
+        rows = self._remove_children(collection, filters, parent, parent_ttl, newest_only=False)
+        if not rows:
+            return None
+        return _to_document(rows[0][:-1]), int(rows[0][-1])
+
+    def _remove_children(
+        self,
+        collection: str,
+        filters: Filters,
+        parent: tuple[str, str],
+        parent_ttl: Ttl | None,
+        *,
+        newest_only: bool,
+    ) -> list[tuple[Any, ...]]:
+        """Lock the parent, then bump it and delete its (newest) matching child.
+
+        Two statements in one round trip, which PostgreSQL runs as one implicit
+        transaction. The first only locks the parent row. The second takes its
+        snapshot after that, so it sees every append that committed before the
+        lock (a single statement would take its snapshot before waiting for the
+        lock and could miss an append that committed meanwhile, popping an
+        older child); appends and other pops of this parent wait for the lock.
+        """
+        check_name("collection", collection)
+        if filters is None:
+            raise InvalidQuery("filters must select the children; pass {} for all of them")
+        parent_collection, parent_id = check_parent(parent)
+        conditions = parse_filters(filters)
+        parent_ttl_seconds = check_ttl(parent_ttl)
+        params: list[Any] = [parent_collection, parent_id]
+        parent_expiry: sql.Composable = sql.SQL("")
+        if parent_ttl_seconds is not None:
+            parent_expiry = sql.SQL(", expires_at = {}").format(
+                _expiry_sql(parent_ttl_seconds, params)
+            )
+        params.extend([parent_collection, parent_id, collection])
+        params.extend(condition_params(conditions))
+        fields = {
+            "t": self._table,
+            "live": _LIVE,
+            "cols": _COLUMNS,
+            "seq": path_expression(("seq",)),
+            "where": compile_where(conditions),
+            "parent_expiry": parent_expiry,
+        }
+
+        def build() -> sql.Composable:
+            lock = sql.SQL(
+                "SELECT 1 FROM {t} WHERE collection = %s AND id = %s AND {live} "
+                "FOR NO KEY UPDATE; "
+            ).format(**fields)
+            bump = sql.SQL(
+                "WITH parent AS ("
+                " UPDATE {t} SET version = version + 1, updated_at = now(){parent_expiry}"
+                " WHERE collection = %s AND id = %s AND {live}"
+                " RETURNING {cols}"
+                ")"
+            ).format(**fields)
+            children = sql.SQL(
+                "collection = %s AND {live} AND {where} AND jsonb_typeof({seq}) = 'number'"
+                " AND EXISTS (SELECT 1 FROM parent)"
+            ).format(**fields)
+            if newest_only:
+                remove = sql.SQL(
+                    ", victim AS ("
+                    " SELECT collection, id FROM {t} WHERE {children}"
+                    " ORDER BY {seq} DESC, id DESC LIMIT 1 FOR UPDATE"
+                    "), gone AS ("
+                    " DELETE FROM {t} USING victim"
+                    " WHERE {t}.collection = victim.collection AND {t}.id = victim.id"
+                    " RETURNING {t}.id, {t}.collection, {t}.data, {t}.created_at,"
+                    " {t}.updated_at, {t}.version, {t}.expires_at"
+                    ") "
+                    "SELECT 'parent', {cols} FROM parent UNION ALL SELECT 'child', {cols} FROM gone"
+                ).format(children=children, **fields)
+            else:
+                remove = sql.SQL(
+                    ", gone AS (DELETE FROM {t} WHERE {children} RETURNING 1) "
+                    "SELECT {cols}, (SELECT count(*) FROM gone) FROM parent"
+                ).format(children=children, **fields)
+            return sql.Composed([lock, bump, remove])
+
+        shape = tuple(map(condition_shape, conditions))
+        statement = self._sql(
+            ("remove children", newest_only, shape, parent_ttl_seconds is None), build
+        )
+        return self._execute(statement, params)
 
     def _running_backends(self, pids: list[int]) -> set[int]:
         """Return which of these server processes are running a statement (the watchdog's probe).

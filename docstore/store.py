@@ -24,6 +24,7 @@ __all__ = [
     "DEFAULT_MAX_DOCUMENT_BYTES",
     "MAX_NAME_LENGTH",
     "check_name",
+    "check_parent",
     "check_ttl",
     "encode_data",
     "decode_json",
@@ -54,6 +55,13 @@ def check_name(kind: str, value: object) -> str:
     except UnicodeEncodeError as exc:
         raise InvalidDocument(f"{kind} is not valid Unicode") from exc
     return value
+
+
+def check_parent(parent: object) -> tuple[str, str]:
+    """Return an `append`-style `parent` as a checked (collection, id) pair."""
+    if not isinstance(parent, tuple | list) or len(parent) != 2:
+        raise InvalidDocument(f"parent must be a (collection, id) pair, not {parent!r}")
+    return check_name("parent collection", parent[0]), check_name("parent id", parent[1])
 
 
 def check_ttl(ttl: object) -> float | None:
@@ -267,6 +275,41 @@ class DocumentStore(ABC):
 
         `parent_ttl`, when given, also sets the parent's expiry to now + parent_ttl
         in the same step (sliding expiry of a conversation's owner).
+        """
+
+    @abstractmethod
+    def pop_child(
+        self,
+        collection: str,
+        filters: Filters,
+        *,
+        parent: tuple[str, str],
+        parent_ttl: Ttl | None = None,
+    ) -> tuple[Document, Document | None] | None:
+        """Delete the live child with the highest `seq` and bump the parent, in one atomic step.
+
+        The children are the live documents of `collection` matching `filters`
+        that have a `seq` (what `append` gives them). Returns `(parent, the
+        deleted child)`, the child None when none matched (the parent is bumped
+        all the same); None, with nothing changed, when the parent is missing.
+        Concurrent calls never return the same child, and a child appended
+        before the call began is seen by it. The parent's append counter is
+        kept: the next `append` continues after the highest `seq` ever given.
+        """
+
+    @abstractmethod
+    def delete_children(
+        self,
+        collection: str,
+        filters: Filters,
+        *,
+        parent: tuple[str, str],
+        parent_ttl: Ttl | None = None,
+    ) -> tuple[Document, int] | None:
+        """Delete every live child matching `filters` and bump the parent, in one atomic step.
+
+        Returns `(parent, how many were deleted)`; None, with nothing changed,
+        when the parent is missing. The parent's append counter is kept.
         """
 
     @abstractmethod

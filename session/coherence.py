@@ -56,6 +56,7 @@ __all__ = [
     "FILL_TAIL",
     "WRITE_SESSION",
     "WRITE_MESSAGE",
+    "WRITE_REMOVAL",
     "INVALIDATE",
     "SCRIPTS",
     "NO_VALUE",
@@ -332,10 +333,16 @@ return replaced
 WRITE_MESSAGE = (
     VERSION_OF_LUA
     + """
-local replaced = replace_if_older(KEYS[1], ARGV[1], tonumber(ARGV[2]), ARGV[3])
+local version = tonumber(ARGV[2])
+local cached = version_of((get_checked(KEYS[1])))
+local replaced = replace_if_older(KEYS[1], ARGV[1], version, ARGV[3])
 local seq = tonumber(ARGV[5])
 local fence = tonumber(redis.pcall('GET', KEYS[4]))
-if fence then
+if cached == nil or cached > version then
+  -- No current copy, or a later write's script ran first: that may have been a
+  -- pop or clear that removed this message again, so the tail must not get it.
+  redis.call('DEL', KEYS[3], KEYS[4])
+elseif fence then
   if fence == seq - 1 then
     redis.call('RPUSH', KEYS[3], ARGV[4])
     redis.call('LTRIM', KEYS[3], -tonumber(ARGV[6]), -1)
@@ -347,6 +354,21 @@ if fence then
   end
 end
 redis.call('DEL', KEYS[2], KEYS[5])
+return replaced
+"""
+)
+
+# After pop_message / clear_messages. KEYS: value, lease, tail, fence,
+# tail_lease. ARGV: 1 session value, 2 its version, 3 px.
+# The tail goes (the next reader refills it from PostgreSQL), and with it the
+# tail lease, so a fill that read the removed messages cannot land; the
+# session copy moves to the new version as in WRITE_SESSION.
+# Reply: 1 if the cached session was replaced.
+WRITE_REMOVAL = (
+    VERSION_OF_LUA
+    + """
+local replaced = replace_if_older(KEYS[1], ARGV[1], tonumber(ARGV[2]), ARGV[3])
+redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5])
 return replaced
 """
 )
@@ -383,6 +405,7 @@ SCRIPTS = {
     "FILL_TAIL": FILL_TAIL,
     "WRITE_SESSION": WRITE_SESSION,
     "WRITE_MESSAGE": WRITE_MESSAGE,
+    "WRITE_REMOVAL": WRITE_REMOVAL,
     "INVALIDATE": INVALIDATE,
 }
 

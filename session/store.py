@@ -493,16 +493,10 @@ class SessionStore:
         }
         if not self._usable_id(session_id):
             raise SessionNotFound("no such session")
-        conversation = self._conversations.get(session_id, self._now_us())
-        if conversation is None:
-            # Refuse bad input before the session lookup, which may fill the cache.
-            # (With the key known, the docstore's own validation refuses it before
-            # anything is written.)
-            self._check_document(body)
-            state = self._lookup(session_id).state
-            if state is None:
-                raise SessionNotFound("no such session")
-            conversation = state.conversation
+        # Refuse bad input before the session lookup, which may fill the cache.
+        # (With the key known, the docstore's own validation refuses it before
+        # anything is written.)
+        conversation = self._conversation_of(session_id, lambda: self._check_document(body))
         message_key = message_id if message_id is not None else new_token(16)
         body["conv"] = conversation
         body["message_id"] = message_key
@@ -527,6 +521,34 @@ class SessionStore:
             raise SessionError(f"message document {short_hash(child_id)} is malformed")
         self._refresh_after_append(session_id, parent_state, message)
         return message
+
+    def pop_message(self, session_id: str) -> Message | None:
+        """Remove the newest message and return it (None if there is none), version + 1.
+
+        One atomic docstore step: concurrent pops never return the same message.
+        The next `add_message` continues after the highest seq ever given out.
+        """
+        popped = self._remove_messages(
+            session_id,
+            lambda conversation, parent: self._docstore.pop_child(
+                self._messages, {"conv": conversation}, parent=parent, parent_ttl=self._session_ttl
+            ),
+        )
+        if popped is None:
+            return None
+        message = message_from_document(popped, session_id)
+        if message is None:
+            raise SessionError(f"message document {short_hash(popped.id)} is malformed")
+        return message
+
+    def clear_messages(self, session_id: str) -> int:
+        """Remove every message of the session, keep the session; return how many (version + 1)."""
+        return self._remove_messages(
+            session_id,
+            lambda conversation, parent: self._docstore.delete_children(
+                self._messages, {"conv": conversation}, parent=parent, parent_ttl=self._session_ttl
+            ),
+        )
 
     def get_messages(
         self,
@@ -1115,6 +1137,42 @@ class SessionStore:
             return [message for message in tail if low <= message.seq <= high]
         return self._query_messages(session_id, state, window)
 
+    # -- writing -----------------------------------------------------------------
+
+    def _conversation_of(self, session_id: str, before_lookup: Callable[[], None]) -> str:
+        """Return the session's conversation key, looking the session up if it is not known.
+
+        `before_lookup` runs first when a lookup is needed (input checks that
+        must refuse bad input before the lookup may fill the cache).
+        """
+        conversation = self._conversations.get(session_id, self._now_us())
+        if conversation is None:
+            before_lookup()
+            state = self._lookup(session_id).state
+            if state is None:
+                raise SessionNotFound("no such session")
+            conversation = state.conversation
+        return conversation
+
+    def _remove_messages(
+        self,
+        session_id: str,
+        remove: Callable[[str, tuple[str, str]], tuple[docstore.Document, T] | None],
+    ) -> T:
+        """Run a docstore step that removes messages and bumps the session; refresh the cache."""
+        if not self._usable_id(session_id):
+            raise SessionNotFound("no such session")
+        conversation = self._conversation_of(session_id, lambda: None)
+        parent = (self._sessions, session_id)
+        removed = self._write(session_id, lambda: remove(conversation, parent))
+        if removed is None:
+            self._invalidate(session_id, tombstone=True)
+            raise SessionNotFound("no such session")
+        state = self._state_of(removed[0], session_id)
+        self._conversations.remember(session_id, state)
+        self._refresh_after_removal(session_id, state)
+        return removed[1]
+
     # -- writing the cache ------------------------------------------------------
 
     def _refresh_session(self, session_id: str, state: SessionState) -> None:
@@ -1149,4 +1207,20 @@ class SessionStore:
             return
         args = (value, state.session.version, px, entry, message.seq, max(self._tail_size, 1))
         if self._run("WRITE_MESSAGE", self._keys(session_id).all(), args, _parse_int) is None:
+            self._remember_stale(session_id)
+
+    def _refresh_after_removal(self, session_id: str, state: SessionState) -> None:
+        """After a pop or clear: refresh the session copy, drop the tail, cancel fills in flight."""
+        if self._cache is None:
+            return
+        px = self._px(state)
+        try:
+            value = encode_session(state) if px is not None else None
+        except EncodeError:
+            value = None
+        if value is None or px is None:
+            self._invalidate(session_id, tombstone=False)
+            return
+        args = (value, state.session.version, px)
+        if self._run("WRITE_REMOVAL", self._keys(session_id).all(), args, _parse_int) is None:
             self._remember_stale(session_id)

@@ -19,6 +19,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures import wait as futures_wait
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
@@ -1495,6 +1496,195 @@ class DocumentStoreContract:
         assert store.count(coll + "_m") == 1
         parent = store.read(coll, "p")
         assert parent is not None and parent.version == 2
+
+    # ----------------------------------------------------------------- pop_child / delete_children
+
+    @staticmethod
+    def _conversation(store: DocumentStore, coll: str, count: int) -> list[Document]:
+        store.create(coll, {"title": "chat"}, id="p")
+        children = []
+        for n in range(count):
+            pair = store.append(coll + "_m", {"conv": "c", "n": n}, parent=(coll, "p"))
+            assert pair is not None
+            children.append(pair[1])
+        return children
+
+    def test_pop_child_removes_the_highest_seq_and_bumps_the_parent(
+        self, store: DocumentStore, coll: str
+    ) -> None:
+        children = self._conversation(store, coll, 3)
+        store.append(coll + "_m", {"conv": "other"}, parent=(coll, "p"))  # not matched
+        before = store.read(coll, "p")
+        assert before is not None
+        popped = store.pop_child(coll + "_m", {"conv": "c"}, parent=(coll, "p"))
+        assert popped is not None
+        parent, child = popped
+        assert child == children[2]
+        assert store.read(coll + "_m", children[2].id) is None
+        assert parent == store.read(coll, "p")
+        assert parent.version == before.version + 1
+        assert parent.updated_at >= before.updated_at
+        assert (parent.data, parent.created_at) == (before.data, before.created_at)
+        remaining = store.query(coll + "_m", {"conv": "c"}, order_by="seq")
+        assert remaining == children[:2]
+        assert store.count(coll + "_m", {"conv": "other"}) == 1
+
+    def test_pop_child_of_no_children_still_bumps_the_parent(
+        self, store: DocumentStore, coll: str
+    ) -> None:
+        store.create(coll, {}, id="p")
+        store.create(coll + "_m", {"conv": "c"})  # matches, but has no seq: not a child
+        popped = store.pop_child(coll + "_m", {"conv": "c"}, parent=(coll, "p"))
+        assert popped is not None
+        assert popped[1] is None and popped[0].version == 2
+        assert store.count(coll + "_m") == 1
+
+    def test_pop_child_keeps_the_append_counter(self, store: DocumentStore, coll: str) -> None:
+        self._conversation(store, coll, 3)
+        for _ in range(2):
+            assert store.pop_child(coll + "_m", {"conv": "c"}, parent=(coll, "p")) is not None
+        pair = store.append(coll + "_m", {"conv": "c"}, parent=(coll, "p"))
+        assert pair is not None and pair[1].data["seq"] == 4
+        popped = store.pop_child(coll + "_m", {"conv": "c"}, parent=(coll, "p"))
+        assert popped is not None and popped[1] == pair[1]
+        popped = store.pop_child(coll + "_m", {"conv": "c"}, parent=(coll, "p"))
+        assert popped is not None and popped[1] is not None and popped[1].data["seq"] == 1
+
+    def test_delete_children_removes_every_match_and_bumps_the_parent(
+        self, store: DocumentStore, coll: str
+    ) -> None:
+        self._conversation(store, coll, 4)
+        kept = store.append(coll + "_m", {"conv": "other"}, parent=(coll, "p"))
+        assert kept is not None
+        cleared = store.delete_children(coll + "_m", {"conv": "c"}, parent=(coll, "p"))
+        assert cleared is not None
+        parent, count = cleared
+        assert count == 4
+        assert parent == store.read(coll, "p") and parent.version == 7
+        assert store.query(coll + "_m", limit=None) == [kept[1]]
+        again = store.delete_children(coll + "_m", {"conv": "c"}, parent=(coll, "p"))
+        assert again is not None and again[1] == 0 and again[0].version == 8
+        pair = store.append(coll + "_m", {"conv": "c"}, parent=(coll, "p"))
+        assert pair is not None and pair[1].data["seq"] == 6
+
+    def test_pop_and_delete_children_of_a_missing_parent(
+        self, store: DocumentStore, coll: str
+    ) -> None:
+        self._conversation(store, coll, 2)
+        for parent in ((coll, "nope"), (unique_name("wrong"), "p")):
+            assert store.pop_child(coll + "_m", {"conv": "c"}, parent=parent) is None
+            assert store.delete_children(coll + "_m", {"conv": "c"}, parent=parent) is None
+        short = store.create(coll, {}, id="short", ttl=SHORT_TTL)
+        store.append(coll + "_m", {"conv": "s"}, parent=(coll, "short"))
+        wait_until_expired(store, short)
+        assert store.pop_child(coll + "_m", {"conv": "s"}, parent=(coll, "short")) is None
+        assert store.delete_children(coll + "_m", {"conv": "s"}, parent=(coll, "short")) is None
+        assert store.count(coll + "_m") == 3
+        parent = store.read(coll, "p")
+        assert parent is not None and parent.version == 3
+
+    def test_pop_and_delete_children_parent_ttl(self, store: DocumentStore, coll: str) -> None:
+        self._conversation(store, coll, 2)
+        for remove in (store.pop_child, store.delete_children):
+            result = remove(coll + "_m", {"conv": "c"}, parent=(coll, "p"), parent_ttl=600)
+            assert result is not None
+            parent = result[0]
+            assert parent.expires_at is not None
+            assert abs((parent.expires_at - parent.updated_at).total_seconds() - 600) < 1
+            assert store.read(coll, "p") == parent
+
+    @pytest.mark.parametrize(
+        "arguments",
+        [
+            {"filters": None},
+            {"filters": {"conv": {"$bad": 1}}},
+            {"parent": "p"},
+            {"parent": ("", "p")},
+            {"parent_ttl": 0},
+            {"parent_ttl": "soon"},
+        ],
+    )
+    def test_pop_and_delete_children_bad_input_changes_nothing(
+        self, store: DocumentStore, coll: str, arguments: dict[str, Any]
+    ) -> None:
+        children = self._conversation(store, coll, 2)
+        call: dict[str, Any] = {"filters": {"conv": "c"}, "parent": (coll, "p")} | arguments
+        for remove in (store.pop_child, store.delete_children):
+            with pytest.raises((InvalidDocument, InvalidQuery)):
+                remove(
+                    coll + "_m",
+                    call["filters"],
+                    parent=call["parent"],
+                    parent_ttl=call.get("parent_ttl"),
+                )
+        assert store.query(coll + "_m", order_by="seq") == children
+        parent = store.read(coll, "p")
+        assert parent is not None and parent.version == 3
+
+    def test_pop_child_in_a_rolled_back_transaction(self, store: DocumentStore, coll: str) -> None:
+        children = self._conversation(store, coll, 2)
+
+        class Undo(Exception):
+            pass
+
+        with pytest.raises(Undo), store.transaction():
+            assert store.pop_child(coll + "_m", {"conv": "c"}, parent=(coll, "p")) is not None
+            assert store.delete_children(coll + "_m", {"conv": "c"}, parent=(coll, "p"))
+            raise Undo
+        assert store.query(coll + "_m", order_by="seq") == children
+        parent = store.read(coll, "p")
+        assert parent is not None and parent.version == 3
+
+    def test_concurrent_pops_never_return_the_same_child(
+        self, store: DocumentStore, coll: str
+    ) -> None:
+        total = 40
+        children = self._conversation(store, coll, total)
+
+        def work(index: int) -> list[Document]:
+            popped = []
+            while True:
+                result = store.pop_child(coll + "_m", {"conv": "c"}, parent=(coll, "p"))
+                assert result is not None
+                if result[1] is None:
+                    return popped
+                popped.append(result[1])
+
+        popped = [child for batch in run_in_threads(THREADS, work) for child in batch]
+        assert sorted(popped, key=lambda doc: doc.data["seq"]) == children
+        assert store.count(coll + "_m") == 0
+
+    def test_pop_child_sees_an_append_that_committed_while_it_waited(
+        self, store: DocumentStore, coll: str
+    ) -> None:
+        """The pop waits for the parent; once it has it, the newest child is the new one."""
+        self._conversation(store, coll, 2)
+        appended: dict[str, Document] = {}
+        holding, release = threading.Event(), threading.Event()
+
+        def append_and_hold() -> None:
+            with store.transaction():
+                pair = store.append(coll + "_m", {"conv": "c", "new": True}, parent=(coll, "p"))
+                assert pair is not None
+                appended["child"] = pair[1]
+                holding.set()
+                assert release.wait(10)
+
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            holder = pool.submit(append_and_hold)
+            assert holding.wait(10)
+            popper = pool.submit(
+                store.pop_child, coll + "_m", {"conv": "c"}, parent=(coll, "p")
+            )
+            # The pop must wait for the uncommitted append's transaction.
+            with pytest.raises(FutureTimeout):
+                popper.result(timeout=0.3)
+            release.set()
+            holder.result(timeout=10)
+            popped = popper.result(timeout=10)
+        assert popped is not None
+        assert popped[1] == appended["child"]
+        assert popped[0].version == 5
 
     # ----------------------------------------------------------------- concurrency
 

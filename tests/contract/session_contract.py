@@ -919,6 +919,328 @@ class SessionStoreContract:
         assert store.get_messages("missing") == []
         assert store.get_messages("missing", limit=5) == []
 
+    # -- pop_message / clear_messages ------------------------------------------------
+
+    def test_pop_message_removes_the_newest(self, store: SessionStore) -> None:
+        created = store.create_session(data={"a": 1})
+        added = [
+            store.add_message(created.id, "user", f"m{i}", metadata={"i": i}) for i in range(3)
+        ]
+        before = cast(Session, store.get_session(created.id))
+        assert store.pop_message(created.id) == added[2]
+        assert store.get_messages(created.id) == added[:2]
+        after = cast(Session, store.get_session(created.id))
+        assert after.version == before.version + 1
+        assert after.updated_at >= before.updated_at
+        assert after.data == {"a": 1}
+        assert store.pop_message(created.id) == added[1]
+        assert store.pop_message(created.id) == added[0]
+        assert store.get_messages(created.id) == []
+        # An empty conversation pops nothing; the call still counts as a change.
+        assert store.pop_message(created.id) is None
+        assert cast(Session, store.get_session(created.id)).version == after.version + 3
+
+    def test_seq_is_never_reused_after_pop_or_clear(self, store: SessionStore) -> None:
+        created = store.create_session()
+        for i in range(3):
+            store.add_message(created.id, "user", f"m{i}")
+        store.pop_message(created.id)
+        fourth = store.add_message(created.id, "user", "after pop")
+        assert fourth.seq == 4
+        assert [m.seq for m in store.get_messages(created.id)] == [1, 2, 4]
+        assert [m.seq for m in store.get_messages(created.id, limit=2)] == [2, 4]
+        assert [m.seq for m in store.get_messages(created.id, after_seq=2)] == [4]
+        assert store.clear_messages(created.id) == 3
+        assert store.add_message(created.id, "user", "after clear").seq == 5
+
+    def test_a_removed_message_id_appends_anew(self, store: SessionStore) -> None:
+        created = store.create_session()
+        first = store.add_message(created.id, "user", "first", message_id="turn-1")
+        assert store.pop_message(created.id) == first
+        again = store.add_message(created.id, "user", "again", message_id="turn-1")
+        assert (again.seq, again.id, again.content) == (2, "turn-1", "again")
+        assert store.add_message(created.id, "user", "retry", message_id="turn-1") == again
+        assert store.clear_messages(created.id) == 1
+        third = store.add_message(created.id, "user", "third", message_id="turn-1")
+        assert (third.seq, third.content) == (3, "third")
+        assert store.get_messages(created.id) == [third]
+
+    def test_clear_messages_keeps_the_session(self, store: SessionStore) -> None:
+        created = store.create_session("u", {"a": 1})
+        for i in range(5):
+            store.add_message(created.id, "user", f"m{i}")
+        before = cast(Session, store.get_session(created.id))
+        assert store.clear_messages(created.id) == 5
+        assert store.get_messages(created.id) == []
+        assert store.get_messages(created.id, limit=3) == []
+        after = cast(Session, store.get_session(created.id))
+        assert (after.user_id, after.data, after.version) == ("u", {"a": 1}, before.version + 1)
+        assert store.clear_messages(created.id) == 0
+        assert cast(Session, store.get_session(created.id)).version == before.version + 2
+        assert store.pop_message(created.id) is None
+
+    def test_pop_and_clear_of_a_missing_session(self, store: SessionStore) -> None:
+        gone = store.create_session()
+        store.add_message(gone.id, "user", "hi")
+        store.delete_session(gone.id)
+        rotated_from = store.create_session()
+        store.add_message(rotated_from.id, "user", "hi")
+        rotated = store.rotate_session_id(rotated_from.id)
+        for session_id in ("missing", "", "x" * 300, gone.id, rotated_from.id):
+            with pytest.raises(SessionNotFound):
+                store.pop_message(session_id)
+            with pytest.raises(SessionNotFound):
+                store.clear_messages(session_id)
+        for bad in (None, 5, b"bytes"):
+            with pytest.raises(InvalidSessionData):
+                store.pop_message(bad)  # type: ignore[arg-type]
+            with pytest.raises(InvalidSessionData):
+                store.clear_messages(bad)  # type: ignore[arg-type]
+        # The conversation moved with the rotation.
+        assert store.pop_message(rotated.id) is not None
+
+    def test_pop_and_clear_of_an_expired_session(
+        self, make_store: Callable[..., SessionStore]
+    ) -> None:
+        store = make_store(session_ttl=1.0)
+        created = store.create_session()
+        store.add_message(created.id, "user", "hi")
+        assert len(store.get_messages(created.id)) == 1  # session and tail cached
+        wait_until(lambda: store.get_session(created.id) is None, what="the session to expire")
+        with pytest.raises(SessionNotFound):
+            store.pop_message(created.id)
+        with pytest.raises(SessionNotFound):
+            store.clear_messages(created.id)
+
+    def test_pop_and_clear_slide_the_idle_lifetime(
+        self, make_store: Callable[..., SessionStore]
+    ) -> None:
+        store = make_store(session_ttl=600)
+        created = store.create_session(ttl=5)
+        store.add_message(created.id, "user", "a")
+        store.add_message(created.id, "user", "b")
+        for remove in (store.pop_message, store.clear_messages):
+            store.touch_session(created.id, ttl=5)
+            remove(created.id)
+            session = cast(Session, store.get_session(created.id))
+            assert session.expires_at is not None
+            assert session.expires_at - session.updated_at > timedelta(seconds=500)
+
+    def test_pop_and_clear_answer_alike_from_both_tiers(
+        self, make_store: Callable[..., SessionStore]
+    ) -> None:
+        store = make_store(tail_size=4)
+        plain = make_store(cache=None)
+        created = store.create_session()
+        for i in range(6):
+            store.add_message(created.id, "user", f"m{i}")
+        for round_ in range(3):
+            for window in ({}, {"limit": 2}, {"limit": 5}, {"after_seq": 1}, {"before_seq": 5}):
+                for _ in range(2):  # the second read is served by the tail when it can be
+                    assert store.get_messages(created.id, **window) == plain.get_messages(
+                        created.id, **window
+                    ), (round_, window)
+            assert store.get_session(created.id) == plain.get_session(created.id)
+            store.pop_message(created.id)
+            store.add_message(created.id, "user", f"after pop {round_}")
+        store.clear_messages(created.id)
+        assert store.get_messages(created.id, limit=3) == plain.get_messages(created.id) == []
+
+    def test_no_reader_sees_a_popped_or_cleared_message(
+        self, make_store: Callable[..., SessionStore], needs_cache: redis.Redis
+    ) -> None:
+        writer, reader = make_store(), make_store()
+        created = writer.create_session()
+        added = [writer.add_message(created.id, "user", f"m{i}") for i in range(5)]
+        assert reader.get_messages(created.id, limit=3) == added[-3:]
+        assert reader.get_messages(created.id, limit=3) == added[-3:]  # from the tail
+        assert reader.stats()["message_hits"] >= 1
+        popped = writer.pop_message(created.id)
+        assert popped == added[-1]
+        assert reader.get_messages(created.id, limit=3) == added[-4:-1]
+        assert reader.get_messages(created.id) == added[:-1]
+        assert reader.get_session(created.id) == writer.get_session(created.id)
+        assert writer.clear_messages(created.id) == 4
+        assert reader.get_messages(created.id, limit=3) == []
+        assert reader.get_messages(created.id) == []
+        newer = writer.add_message(created.id, "user", "new")
+        assert reader.get_messages(created.id, limit=3) == [newer]
+
+    def test_pop_during_tail_fill_does_not_resurrect(
+        self,
+        make_store: Callable[..., SessionStore],
+        session_docstore: docstore.DocumentStore,
+        collections: tuple[str, str],
+        needs_cache: redis.Redis,
+    ) -> None:
+        proxy = DocstoreProxy(session_docstore)
+        reader = make_store(docstore=proxy)
+        writer = make_store()
+        created = writer.create_session()
+        added = [writer.add_message(created.id, "user", f"m{i}") for i in range(3)]
+        reader.get_session(created.id)  # the session is cached; the tail is not
+        reached, go = proxy.pause_after_once("query", collections[1])
+        results: dict[str, list[Message]] = {}
+        thread = threading.Thread(target=lambda: results.update(r=reader.get_messages(created.id)))
+        thread.start()
+        assert reached.wait(10)  # the reader holds all three, read under its tail lease
+        assert writer.pop_message(created.id) == added[-1]
+        go.set()
+        thread.join(10)
+        assert results["r"] == added  # it read before the pop: fine to answer that
+        assert reader.get_messages(created.id) == added[:-1]
+        assert reader.get_messages(created.id, limit=1) == added[1:2]
+
+    def test_a_late_append_update_cannot_bring_a_popped_message_back(
+        self,
+        make_store: Callable[..., SessionStore],
+        session_docstore: docstore.DocumentStore,
+        collections: tuple[str, str],
+        needs_cache: redis.Redis,
+    ) -> None:
+        """An append whose cache update arrives after a pop of its message and a refill."""
+        proxy = DocstoreProxy(session_docstore)
+        appender = make_store(docstore=proxy)
+        other = make_store()
+        created = other.create_session()
+        first = other.add_message(created.id, "user", "first")
+        assert other.get_messages(created.id) == [first]  # session and tail cached
+        appender.get_session(created.id)  # the appender knows the conversation key
+        reached, go = proxy.pause_after_once("append", collections[1])
+        results: dict[str, Message] = {}
+        thread = threading.Thread(
+            target=lambda: results.update(m=appender.add_message(created.id, "user", "second"))
+        )
+        thread.start()
+        try:
+            assert reached.wait(10)  # committed; its cache update not sent yet
+            popped = other.pop_message(created.id)
+            assert popped is not None and popped.content == "second"
+            # A reader refills the tail: [first], its fence at seq 1.
+            assert other.get_messages(created.id) == [first]
+        finally:
+            go.set()
+            thread.join(10)
+        assert results["m"] == popped
+        for store in (other, appender):
+            assert store.get_messages(created.id) == [first]
+            assert store.get_messages(created.id, limit=1) == [first]
+
+    def test_concurrent_pops_never_return_the_same_message(
+        self, make_store: Callable[..., SessionStore]
+    ) -> None:
+        stores = [make_store() for _ in range(2)]
+        created = stores[0].create_session()
+        total = 40
+        added = [stores[0].add_message(created.id, "user", f"m{i}") for i in range(total)]
+        stores[1].get_messages(created.id)  # a cached tail for the pops to keep right
+        lock = threading.Lock()
+        popped: list[Message] = []
+        empty_pops = [0]
+
+        def popper(index: int) -> Callable[[], None]:
+            def run() -> None:
+                while True:
+                    message = stores[index % 2].pop_message(created.id)
+                    with lock:
+                        if message is None:
+                            empty_pops[0] += 1
+                            return
+                        popped.append(message)
+
+            return run
+
+        _run_threads(*(popper(index) for index in range(THREADS)))
+        assert sorted(popped, key=lambda m: m.seq) == added
+        assert len({m.seq for m in popped}) == total
+        for store in stores:
+            assert store.get_messages(created.id) == []
+            assert store.get_messages(created.id, limit=5) == []
+        session = cast(Session, stores[1].get_session(created.id))
+        assert session.version == 1 + total + total + empty_pops[0]
+        assert stores[0].add_message(created.id, "user", "next").seq == total + 1
+
+    def test_pops_racing_appends_lose_and_resurrect_nothing(
+        self,
+        make_store: Callable[..., SessionStore],
+        session_docstore: docstore.DocumentStore,
+        needs_cache: redis.Redis,
+        key_prefix: str,
+    ) -> None:
+        """Every appended message ends up popped once or still stored, never both, never
+        twice; no read that starts after a pop returned shows the popped message."""
+        proxy = DocstoreProxy(session_docstore)
+        proxy.jitter = 0.002
+        stores = [make_store(docstore=proxy, tail_size=8, lease_wait=0.01) for _ in range(3)]
+        created = stores[0].create_session()
+        keys = session_keys(key_prefix, created.id)
+        lock = threading.Lock()
+        appended: list[Message] = []
+        popped: list[Message] = []
+        resurrected: list[int] = []
+        stop = threading.Event()
+
+        def appender(index: int) -> Callable[[], None]:
+            def run() -> None:
+                for i in range(15):
+                    message = stores[index % 3].add_message(created.id, "user", f"{index}.{i}")
+                    with lock:
+                        appended.append(message)
+
+            return run
+
+        def popper(index: int) -> Callable[[], None]:
+            def run() -> None:
+                for _ in range(12):
+                    message = stores[index % 3].pop_message(created.id)
+                    if message is not None:
+                        with lock:
+                            popped.append(message)
+
+            return run
+
+        def reader(index: int) -> Callable[[], None]:
+            def run() -> None:
+                while not stop.is_set():
+                    with lock:
+                        gone = {message.seq for message in popped}
+                    messages = stores[index % 3].get_messages(created.id, limit=4)
+                    resurrected.extend(m.seq for m in messages if m.seq in gone)
+                    assert [m.seq for m in messages] == sorted({m.seq for m in messages})
+
+            return run
+
+        def evictor() -> None:
+            while not stop.is_set():
+                needs_cache.delete(keys.tail, keys.fence)
+                time.sleep(random.random() * 0.005)
+
+        def writers() -> None:
+            try:
+                _run_threads(
+                    *(appender(index) for index in range(3)),
+                    *(popper(index) for index in range(2)),
+                )
+            finally:
+                stop.set()
+
+        _run_threads(writers, evictor, *(reader(index) for index in range(3)))
+        assert resurrected == []
+        popped_seqs = [m.seq for m in popped]
+        assert len(popped_seqs) == len(set(popped_seqs))
+        remaining = stores[1].get_messages(created.id)
+        assert sorted(popped_seqs + [m.seq for m in remaining]) == sorted(
+            m.seq for m in appended
+        )
+        assert remaining == sorted(
+            (m for m in appended if m.seq not in set(popped_seqs)), key=lambda m: m.seq
+        )
+        plain = make_store(cache=None)
+        for window in ({}, {"limit": 4}, {"limit": 1}):
+            assert stores[2].get_messages(created.id, **window) == plain.get_messages(
+                created.id, **window
+            )
+
     # -- both tiers answer the same ------------------------------------------------
 
     def test_cache_and_docstore_answer_alike(self, make_store: Callable[..., SessionStore]) -> None:
@@ -1000,6 +1322,12 @@ class SessionStoreContract:
         # The session (for its conversation key) is a cache hit; without a cache, a read.
         expected = {"append": 1} if cache is not None else {"read": 1, "append": 1}
         assert dict(proxy.calls) == expected
+        proxy.reset()
+        store.pop_message(created.id)
+        assert dict(proxy.calls) == {"pop_child": 1}  # the conversation key is known now
+        proxy.reset()
+        store.clear_messages(created.id)
+        assert dict(proxy.calls) == {"delete_children": 1}
 
     def test_refill_after_eviction(
         self, store: SessionStore, needs_cache: redis.Redis, key_prefix: str
@@ -1388,6 +1716,10 @@ class SessionStoreContract:
             assert store.get_session(rotated.id) is not None
             assert store.delete_session(other.id) is True
             assert store.get_session(other.id) is None
+            store.add_message(rotated.id, "user", "two")
+            assert store.pop_message(rotated.id) is not None
+            assert store.clear_messages(rotated.id) == 1
+            assert store.get_messages(rotated.id) == []
             stats = store.stats()
             assert stats["cache_errors"] >= 1
             assert stats["cache_errors"] + stats["cache_skipped"] >= 8
@@ -1412,6 +1744,31 @@ class SessionStoreContract:
         clock.advance(60)  # past the breaker's cool-down
         assert store.get_session(created.id) == updated
         assert store.get_session(gone.id) is None
+        assert store.stats()["invalidations_pending"] == 0
+
+    def test_pop_while_redis_is_down_is_not_served_once_it_is_back(
+        self, make_store: Callable[..., SessionStore], needs_outage: Outage
+    ) -> None:
+        clock = FakeClock()
+        store = make_store(clock=clock)
+        created = store.create_session()
+        cleared = store.create_session()
+        added = [store.add_message(created.id, "user", f"m{i}") for i in range(3)]
+        store.add_message(cleared.id, "user", "x")
+        assert store.get_messages(created.id) == added  # cached tails
+        assert len(store.get_messages(cleared.id)) == 1
+        needs_outage.down()
+        try:
+            assert store.pop_message(created.id) == added[-1]
+            assert store.clear_messages(cleared.id) == 1
+            assert store.get_messages(created.id) == added[:-1]
+            assert store.get_messages(cleared.id) == []
+        finally:
+            needs_outage.up()
+        clock.advance(60)  # past the breaker's cool-down
+        assert store.get_messages(created.id) == added[:-1]
+        assert store.get_messages(created.id, limit=1) == added[1:2]
+        assert store.get_messages(cleared.id) == []
         assert store.stats()["invalidations_pending"] == 0
 
     def test_circuit_breaker(
@@ -1483,6 +1840,12 @@ class SessionStoreContract:
             store.rotate_session_id(created.id)
         with pytest.raises(StoreUnavailable):
             store.touch_session(created.id)
+        proxy.fail["pop_child"] = docstore.StoreUnavailable("the database is down")
+        proxy.fail["delete_children"] = docstore.StoreUnavailable("the database is down")
+        with pytest.raises(StoreUnavailable):
+            store.pop_message(created.id)
+        with pytest.raises(StoreUnavailable):
+            store.clear_messages(created.id)
         assert self.snapshot(cache, key_prefix) == before_cache
         if cache is not None:
             assert store.get_session(created.id) == current  # a hit still serves
@@ -1508,6 +1871,18 @@ class SessionStoreContract:
             store.update_session(created.id, {"n": 2})
         assert caught.value.outcome_unknown
         assert needs_cache.exists(session_keys(key_prefix, created.id).value) == 0
+        store.add_message(created.id, "user", "hi")
+        assert len(store.get_messages(created.id)) == 1  # session and tail cached
+        keys = session_keys(key_prefix, created.id)
+        for name, remove in (
+            ("pop_child", store.pop_message),
+            ("delete_children", store.clear_messages),
+        ):
+            proxy.fail[name] = docstore.StoreUnavailable("lost", outcome_unknown=True)
+            with pytest.raises(StoreUnavailable):
+                remove(created.id)
+            assert needs_cache.exists(keys.value, keys.tail, keys.fence) == 0
+            assert len(store.get_messages(created.id)) == 1  # refilled
 
     # -- lifecycle -------------------------------------------------------------
 
