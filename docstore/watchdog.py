@@ -17,7 +17,7 @@ in the process keep their behaviour (unlike `psycopg2.extensions.set_wait_callba
 which is process-wide).
 
 Waiting for the whole statement_timeout before giving up would let a partition
-stall every call for seconds, so a statement still unanswered after about a
+stall every call for seconds, so a statement still unanswered after half a
 second is checked: a probe on a fresh connection asks the server whether the
 backend is still running it (see `StatementWatchdog`).
 """
