@@ -4,7 +4,9 @@ A test class inherits `SessionStoreContract` and provides two fixtures:
 
 - `cache`: the `redis.Redis` client the stores under test use (None: no cache);
 - `outage`: an `Outage` that takes that Redis away and brings it back, or None
-  when the configuration cannot simulate one.
+  when the configuration cannot simulate one;
+- `cleanup_cache` (optional): the client that deletes the test's keys
+  afterwards, when `cache` itself may be cut off by an outage.
 
 The docstore comes from the `session_docstore` fixture (tests/session/conftest.py),
 so the same suite runs on the memory store and, parametrized, on PostgreSQL.
@@ -241,16 +243,24 @@ class SessionStoreContract:
         return None
 
     @pytest.fixture
-    def key_prefix(self, cache: redis.Redis | None) -> Iterator[str]:
+    def cleanup_cache(self, cache: redis.Redis | None) -> redis.Redis | None:
+        """Return the client that deletes the test's keys afterwards: one no outage touches.
+
+        A class whose outage cuts the `cache` client off (a proxy) overrides this
+        with a direct client, so that a test failing mid-outage leaks nothing.
+        """
+        return cache
+
+    @pytest.fixture
+    def key_prefix(self, cleanup_cache: redis.Redis | None) -> Iterator[str]:
         prefix = f"t{uuid.uuid4().hex[:12]}:"
         yield prefix
-        if cache is not None:
-            try:
-                keys = list(cache.scan_iter(match=f"{prefix}*", count=1000))
-                if keys:
-                    cache.delete(*keys)
-            except redis.RedisError:
-                pass  # an outage test may leave Redis unreachable; its server is private
+        if cleanup_cache is not None:
+            # Only this test's keys, never a flush. A Redis error here is the
+            # test's error: the keys it names would stay behind.
+            keys = list(cleanup_cache.scan_iter(match=f"{prefix}*", count=1000))
+            if keys:
+                cleanup_cache.delete(*keys)
 
     @pytest.fixture
     def collections(self, session_docstore: docstore.DocumentStore) -> Iterator[tuple[str, str]]:
@@ -1447,23 +1457,28 @@ class SessionStoreContract:
     ) -> None:
         proxy = DocstoreProxy(session_docstore)
         filler = make_store(docstore=proxy)
-        waiter = make_store(docstore=proxy, lease_wait=5.0)
+        # Far longer than the test needs: the waiter must not give up on a slow machine.
+        waiter = make_store(docstore=proxy, lease_wait=30.0)
         created = filler.create_session(data={"a": 1})
         reached, go = proxy.pause_after_once("read", collections[0])
         results: dict[str, Session | None] = {}
-        thread = threading.Thread(target=lambda: results.update(f=filler.get_session(created.id)))
-        thread.start()
-        assert reached.wait(10)
+        filling = threading.Thread(target=lambda: results.update(f=filler.get_session(created.id)))
+        filling.start()
+        assert reached.wait(10)  # the filler holds the lease, its read not yet installed
         proxy.reset()
-        timer = threading.Timer(0.05, go.set)
-        timer.start()
-        assert waiter.get_session(created.id) == created  # waited for the filler
-        thread.join(10)
-        timer.join()
+        waiting = threading.Thread(target=lambda: results.update(w=waiter.get_session(created.id)))
+        waiting.start()
+        # Release the filler only once the waiter has met the lease, however long that takes.
+        wait_until(lambda: waiter.stats()["lease_waits"] == 1, what="the waiter to meet the lease")
+        go.set()
+        filling.join(30)
+        waiting.join(60)
+        assert not waiting.is_alive()
         assert results["f"] == created
+        assert results["w"] == created  # waited for the filler
         assert proxy.calls["read"] == 0
-        assert waiter.stats()["lease_waits"] == 1
-        assert waiter.stats()["hits"] == 1
+        stats = waiter.stats()
+        assert (stats["lease_waits"], stats["lease_timeouts"], stats["hits"]) == (1, 0, 1)
 
     def test_lease_waiter_gives_up(
         self,

@@ -8,6 +8,7 @@ import os
 import pickle
 import re
 import secrets
+import shlex
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -97,12 +98,18 @@ def test_rotate_leaves_the_old_id_dead_in_both_tiers(
 
 
 class Exploit:
+    """Unpickled, runs a shell command that creates `marker`."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
     def __reduce__(self) -> tuple[object, tuple[str]]:
-        return (os.system, ("touch /tmp/pwned-by-session-cache",))
+        return (os.system, (f"touch {shlex.quote(str(self.marker))}",))
 
 
-HOSTILE = {
-    "pickle": pickle.dumps(Exploit()),
+# "pickle" is built per test (a marker file in the test's tmp_path): see hostile_value.
+HOSTILE: dict[str, bytes | None] = {
+    "pickle": None,
     "msgpack-ext": msgpack.packb(msgpack.ExtType(42, b"payload")),
     "msgpack-bin": msgpack.packb([FORMAT_VERSION, 99, b"bytes", b"x", {}, 0, 0, None]),
     "msgpack-huge-version": msgpack.packb([FORMAT_VERSION, 2**63, None, "c", {}, 0, 0, None]),
@@ -132,8 +139,18 @@ def test_a_hostile_cache_value_is_a_miss(
     redis_process: RedisProcess,
     key_prefix: str,
     monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
     name: str,
 ) -> None:
+    marker = tmp_path / "pwned-by-session-cache"
+    hostile = HOSTILE[name]
+    if hostile is None:
+        hostile = pickle.dumps(Exploit(marker))
+        # The payload is live: unpickling it does create the marker.
+        pickle.loads(hostile)
+        assert marker.exists()
+        marker.unlink()
+
     def refuse(*args: object, **kwargs: object) -> object:
         raise AssertionError("something unpickled a cache value")
 
@@ -146,15 +163,15 @@ def test_a_hostile_cache_value_is_a_miss(
     keys = session_keys(key_prefix, created.id)
     session_now = store.get_session(created.id)
     assert session_now is not None
-    cache.set(keys.value, HOSTILE[name])
+    cache.set(keys.value, hostile)
     assert store.get_session(created.id) == session_now
     assert store.stats()["decode_errors"] >= 1
     # The hostile tail entry: the messages still come from PostgreSQL.
     store.get_messages(created.id)
-    cache.rpush(keys.tail, HOSTILE[name])
+    cache.rpush(keys.tail, hostile)
     assert [m.id for m in store.get_messages(created.id)] == ["m1"]
     cache.close()
-    assert not Path("/tmp/pwned-by-session-cache").exists()
+    assert not marker.exists()
 
 
 # -- logs, reprs and errors ---------------------------------------------------------

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import fakeredis
 import pytest
-from contract.session_contract import wait_until
+from contract.session_contract import FakeClock
 
 import session.cli
 import session.store
@@ -50,14 +50,23 @@ def fake_server() -> fakeredis.FakeServer:
 
 
 @pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
 def shared_store(
-    clean_env: pytest.MonkeyPatch, opened_prefixes: list[str], fake_server: fakeredis.FakeServer
+    clean_env: pytest.MonkeyPatch,
+    opened_prefixes: list[str],
+    fake_server: fakeredis.FakeServer,
+    clock: FakeClock,
 ) -> Iterator[SessionStore]:
     """Make every command open a store on one memory docstore and one fakeredis server.
 
-    The key prefix each command asked for is recorded in `opened_prefixes`.
+    The key prefix each command asked for is recorded in `opened_prefixes`. Both
+    stores run on `clock`, which a test moves instead of waiting.
     """
-    documents = MemoryDocumentStore()
+    documents = MemoryDocumentStore(clock=clock)
     server = fake_server
     clients: list[fakeredis.FakeRedis] = []
 
@@ -67,7 +76,9 @@ def shared_store(
         opened_prefixes.append(key_prefix)
         client = fakeredis.FakeRedis(server=server)
         clients.append(client)
-        return SessionStore(documents, client, owns_cache=True, key_prefix=key_prefix)
+        return SessionStore(
+            documents, client, owns_cache=True, key_prefix=key_prefix, clock=clock
+        )
 
     clean_env.setattr(session.cli, "get_session_store", open_store)
     with open_store() as store:
@@ -128,9 +139,10 @@ def test_messages_of_a_missing_session(
 
 
 def test_list_hides_ids_unless_asked(
-    shared_store: SessionStore, capsys: pytest.CaptureFixture[str]
+    shared_store: SessionStore, clock: FakeClock, capsys: pytest.CaptureFixture[str]
 ) -> None:
     older = shared_store.create_session("carol", {"n": 1})
+    clock.advance(1)  # most recently updated first
     newer = shared_store.create_session("carol", {"n": 2})
     shared_store.create_session("dave")
     assert main(["list", "carol"]) == EXIT_OK
@@ -142,11 +154,14 @@ def test_list_hides_ids_unless_asked(
     assert [s["id"] for s in json_lines(capsys.readouterr().out)] == [newer.id]
 
 
-def test_purge_expired(shared_store: SessionStore, capsys: pytest.CaptureFixture[str]) -> None:
-    doomed = shared_store.create_session(ttl=0.05)
+def test_purge_expired(
+    shared_store: SessionStore, clock: FakeClock, capsys: pytest.CaptureFixture[str]
+) -> None:
+    doomed = shared_store.create_session(ttl=60)
     shared_store.add_message(doomed.id, "user", "bye")
     kept = shared_store.create_session()
-    wait_until(lambda: shared_store.get_session(doomed.id) is None, what="the session to expire")
+    clock.advance(61)
+    assert shared_store.get_session(doomed.id) is None
     assert main(["purge-expired", "--batch-size", "10"]) == EXIT_OK
     assert json.loads(capsys.readouterr().out) == {"purged": 2}
     assert shared_store.get_session(kept.id) == kept

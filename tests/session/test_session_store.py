@@ -30,6 +30,10 @@ from docstore import DocumentStore
 from session import SessionStore
 from session.config import REDIS_SOCKET_TIMEOUT, redis_client_from_url
 
+# Seconds no call may take while a server is failing (README, reliability).
+MAX_CALL_UNDER_A_FAULT = 2.0
+assert REDIS_SOCKET_TIMEOUT * 4 <= MAX_CALL_UNDER_A_FAULT  # room for a loaded machine
+
 
 class FakeServerOutage:
     def __init__(self, server: fakeredis.FakeServer) -> None:
@@ -104,6 +108,13 @@ class TestRealRedis(SessionStoreContract):
     def outage(self, proxy: TcpProxy) -> Outage:
         return ProxyOutage(proxy)
 
+    @pytest.fixture
+    def cleanup_cache(self, redis_url: str) -> Iterator[redis.Redis]:
+        # Straight to the server: a test failing with its proxy cut still cleans up.
+        client = redis_client_from_url(redis_url)
+        yield client
+        client.close()
+
     def test_stalled_redis_never_stalls_a_call_for_long(
         self, make_store: Callable[..., SessionStore], proxy: TcpProxy
     ) -> None:
@@ -115,8 +126,9 @@ class TestRealRedis(SessionStoreContract):
             for _ in range(6):
                 started = time.monotonic()
                 assert store.get_session(created.id) == created
-                # One socket timeout at most, with room for a loaded machine.
-                assert time.monotonic() - started < REDIS_SOCKET_TIMEOUT * 2 + 0.5
+                # The promise: no call under a fault takes longer than 2 s (one
+                # socket timeout, REDIS_SOCKET_TIMEOUT, is what it costs unloaded).
+                assert time.monotonic() - started < MAX_CALL_UNDER_A_FAULT
             stats = store.stats()
             assert stats["cache_errors"] == 3
             assert stats["cache_skipped"] == 3
