@@ -343,10 +343,20 @@ class SessionStore:
         return None if state is None else state.session
 
     def update_session(
-        self, session_id: str, data: dict[str, Any], *, expected_version: int | None = None
+        self,
+        session_id: str,
+        data: dict[str, Any],
+        *,
+        expected_version: int | None = None,
+        ttl: float | None = None,
     ) -> Session:
-        """Shallow-merge `data` into the session (version + 1), written through."""
+        """Shallow-merge `data` into the session (version + 1), written through.
+
+        `ttl` sets the expiry to that many seconds from now in the same step
+        (default: slide it by `session_ttl`, if set).
+        """
         data = self._check_user_data(data)
+        lifetime = self._session_ttl if ttl is None else self._check_ttl(ttl)
         if not self._usable_id(session_id):
             raise SessionNotFound("no such session")
         doc = self._write(
@@ -356,7 +366,7 @@ class SessionStore:
                 session_id,
                 data,
                 expected_version=expected_version,
-                ttl=self._session_ttl,
+                ttl=lifetime,
             ),
         )
         if doc is None:

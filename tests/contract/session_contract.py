@@ -571,6 +571,22 @@ class SessionStoreContract:
         assert touched.version == 2
         assert touched.expires_at is None
 
+    def test_update_with_ttl_sets_the_expiry_in_the_same_step(
+        self, make_store: Callable[..., SessionStore]
+    ) -> None:
+        clock = FakeClock()
+        store = make_store(session_ttl=600, clock=clock)
+        created = store.create_session(data={"a": 1})
+        updated = store.update_session(created.id, {"a": 2}, ttl=5)
+        assert updated.version == created.version + 1
+        assert updated.expires_at is not None
+        assert abs((updated.expires_at - updated.updated_at).total_seconds() - 5) < 1
+        assert store.get_session(created.id) == updated
+        clock.advance(6)
+        assert store.get_session(created.id) is None
+        with pytest.raises(InvalidSessionData):
+            store.update_session(created.id, {"a": 3}, ttl=0)
+
     def test_touch_missing(self, store: SessionStore) -> None:
         assert store.touch_session("missing") is False
 
