@@ -36,6 +36,13 @@ __all__ = [
     "SessionKeys",
     "session_keys",
     "check_key_prefix",
+    "fence_kind",
+    "FenceResult",
+    "FENCE_KEY",
+    "FENCE_VALUE",
+    "FENCE_TAIL",
+    "FENCE_TOKEN",
+    "FENCE_SEQ",
     "new_lease_token",
     "cache_px",
     "SessionRead",
@@ -408,6 +415,93 @@ SCRIPTS = {
     "WRITE_REMOVAL": WRITE_REMOVAL,
     "INVALIDATE": INVALIDATE,
 }
+
+
+class FenceResult(IntEnum):
+    """FENCE_KEY's reply."""
+
+    DROPPED = 1  # it was ours: deleted
+    GONE = 0  # it expired or was deleted meanwhile
+    FOREIGN = -1  # not what this store writes there: left alone
+
+
+# --- the restart fence -------------------------------------------------------
+#
+# A fence deletes only keys it can prove are this store's: the name must be in
+# the layout of `session_keys` (prefix, `{<session id>}`, one of the suffixes)
+# and the value what this store writes there (our encoding's header, a lease
+# token, a seq). Anything else under the prefix belongs to someone else sharing
+# it, and is left alone and counted.
+
+# What each kind of key holds, checked by FENCE_KEY.
+FENCE_VALUE = "value"  # `:s`: an encoded session or a tombstone
+FENCE_TAIL = "tail"  # `:m`: a list of encoded messages
+FENCE_TOKEN = "token"  # `:s:lease`, `:m:lease`: a lease token
+FENCE_SEQ = "seq"  # `:m:seq`: the tail's last seq
+_FENCE_KINDS = (
+    ("}:s", FENCE_VALUE),
+    ("}:s:lease", FENCE_TOKEN),
+    ("}:m", FENCE_TAIL),
+    ("}:m:seq", FENCE_SEQ),
+    ("}:m:lease", FENCE_TOKEN),
+)
+# Session ids are document ids: 1 to 255 characters.
+_MAX_SESSION_ID = 255
+
+
+def fence_kind(key_prefix: str, key: bytes) -> str | None:
+    """Return what `key` holds if its name is in this store's layout under `key_prefix`, else None.
+
+    The layout is `<prefix>{<session id>}` plus one of `:s`, `:s:lease`, `:m`,
+    `:m:seq`, `:m:lease` (see `session_keys`).
+    """
+    try:
+        name = key.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    start = key_prefix + "{"
+    if not name.startswith(start):
+        return None
+    rest = name[len(start) :]
+    for suffix, kind in _FENCE_KINDS:
+        if rest.endswith(suffix) and 0 < len(rest) - len(suffix) <= _MAX_SESSION_ID:
+            return kind
+    return None
+
+
+# KEYS: one key whose name is in the layout. ARGV: 1 its kind (FENCE_*).
+# Deletes it only if it holds what this store writes there.
+# Reply: FenceResult.
+FENCE_KEY = f"""
+local FORMAT_VERSION = {FORMAT_VERSION}
+-- Our encoding's header: a msgpack fixarray of 2 to 15 elements whose first
+-- element is a format version this library has written (1 .. current).
+local function encoded(value)
+  if type(value) ~= 'string' or #value < 2 then return false end
+  local head, format = string.byte(value, 1, 2)
+  return head >= 0x92 and head <= 0x9f and format >= 1 and format <= FORMAT_VERSION
+end
+local key, kind = KEYS[1], ARGV[1]
+local key_type = redis.call('TYPE', key)['ok']
+if key_type == 'none' then return {FenceResult.GONE} end
+local ours = false
+if kind == '{FENCE_TAIL}' then
+  ours = key_type == 'list'
+    and encoded(redis.call('LINDEX', key, 0)) and encoded(redis.call('LINDEX', key, -1))
+elseif key_type == 'string' then
+  local length = redis.call('STRLEN', key)
+  if kind == '{FENCE_VALUE}' then
+    ours = encoded(redis.call('GETRANGE', key, 0, 1))
+  elseif kind == '{FENCE_TOKEN}' then
+    ours = length == 32 and string.match(redis.call('GET', key), '^[0-9a-f]+$') ~= nil
+  elseif kind == '{FENCE_SEQ}' then
+    ours = length <= 20 and string.match(redis.call('GET', key), '^[0-9]+$') ~= nil
+  end
+end
+if not ours then return {FenceResult.FOREIGN} end
+redis.call('DEL', key)
+return {FenceResult.DROPPED}
+"""
 
 
 # --- replies ---------------------------------------------------------------

@@ -86,6 +86,7 @@ STAT_NAMES = (
     "message_misses",  # get_messages answered from the docstore
     "invalidations_pending",  # sessions whose stale copy awaits removal (a gauge)
     "cache_fences",  # times Redis had lost the scripts and the namespace was dropped
+    "foreign_keys",  # keys under the prefix a fence met that are not the store's (left alone)
 )
 
 # Reserve room for "<conversation key>." in a message document's id.
@@ -275,6 +276,7 @@ class SessionStore:
         self._pending: OrderedDict[str, int] = OrderedDict()
         self._pending_generation = 0
         self._decode_error_logged = False
+        self._foreign_warned = False
         self._conversations = _ConversationKeys()
         # Script name -> (source, SHA1). The store runs EVALSHA itself: Redis not
         # knowing a script means it restarted (or failed over) and may hold copies
@@ -872,16 +874,7 @@ class SessionStore:
             shas = [sha for _, sha in self._scripts.values()]
             if all(self._cache.script_exists(*shas)):
                 return  # another client fenced and loaded them meanwhile
-            dropped = 0
-            pattern = coherence.glob_escape(self._key_prefix) + "*"
-            batch: list[bytes] = []
-            for key in self._cache.scan_iter(match=pattern, count=1000):
-                batch.append(key)
-                if len(batch) >= 1000:
-                    dropped += int(self._cache.delete(*batch))
-                    batch = []
-            if batch:
-                dropped += int(self._cache.delete(*batch))
+            dropped = self._fence_namespace()
             for source, _ in self._scripts.values():
                 self._cache.script_load(source)
             self._stats.add("cache_fences")
@@ -895,6 +888,61 @@ class SessionStore:
             )
         finally:
             self._fence_lock.release()
+
+    def _fence_namespace(self) -> int:
+        """Delete the keys under this store's prefix that are provably its own; return how many.
+
+        A key is ours only if its name is in the layout of `coherence.session_keys`
+        and its value is what the store writes there (FENCE_KEY checks and deletes
+        in one step). Anything else under the prefix belongs to someone sharing
+        it: left alone, counted in `foreign_keys`, and warned about once.
+        """
+        assert self._cache is not None
+        cache = self._cache
+        fence_sha = cache.script_load(coherence.FENCE_KEY)
+        pattern = coherence.glob_escape(self._key_prefix) + "*"
+        dropped = foreign = 0
+        batch: list[tuple[bytes, str]] = []
+
+        def fence_batch() -> None:
+            nonlocal dropped, foreign
+            # One script per key, pipelined: atomic per key, one round trip per
+            # batch, and every call stays within one Redis Cluster slot.
+            pipe = cache.pipeline(transaction=False)
+            for key, kind in batch:
+                pipe.evalsha(fence_sha, 1, key, kind)
+            for reply in pipe.execute():
+                result = _parse_int(reply)
+                if result == coherence.FenceResult.DROPPED:
+                    dropped += 1
+                elif result == coherence.FenceResult.FOREIGN:
+                    foreign += 1
+                elif result != coherence.FenceResult.GONE:
+                    raise ProtocolError(f"unexpected fence reply {result}")
+            batch.clear()
+
+        for key in cache.scan_iter(match=pattern, count=1000):
+            kind = coherence.fence_kind(self._key_prefix, key)
+            if kind is None:
+                foreign += 1
+                continue
+            batch.append((key, kind))
+            if len(batch) >= 1000:
+                fence_batch()
+        if batch:
+            fence_batch()
+        if foreign:
+            self._stats.add("foreign_keys", foreign)
+            if not self._foreign_warned:
+                self._foreign_warned = True
+                logger.warning(
+                    "the Redis key prefix %r is shared with something that is not this "
+                    "session store: %d keys under it are not in the store's layout or "
+                    "encoding (left alone). Give the store a key_prefix of its own.",
+                    self._key_prefix,
+                    foreign,
+                )
+        return dropped
 
     def _cache_failed(self, exc: Exception) -> None:
         self._stats.add("cache_errors")
