@@ -92,9 +92,17 @@ def test_demo_on_real_servers(
         "REDIS_URL": redis_server_url,
         "SESSION_KEY_PREFIX": session_key_prefix,
     }
+    # Another application's keys under the same prefix survive the demo's fences.
+    foreign = {
+        f"{session_key_prefix}important": b"keep me",
+        f"{session_key_prefix}{{x}}": b"me too",
+    }
+    real_redis.mset(foreign)
     output = run_demo(env)
     assert "(from POSTGRES_CONNECTION_STRING)" in output and "(from REDIS_URL)" in output
     assert_a_good_run(output)
+    assert real_redis.mget(list(foreign)) == list(foreign.values())
+    assert "is shared with something" in output  # the demo's store warned about them
 
 
 @pytest.mark.embedded
