@@ -17,6 +17,10 @@ In short (memcache leases plus version fencing):
   `WRITE_MESSAGE`), so a fill that read PostgreSQL before the commit cannot
   land; a writer never installs into an absent key;
 * a delete leaves a tombstone (`INVALIDATE`), which no fill replaces;
+* the message tail has a byte budget on top of its count limit: it holds the
+  newest messages that fit, and a message larger than the budget is never
+  cached (the tail then restarts after it); the fence also records the tail's
+  bytes, so an append trims without reading the list;
 * all keys of a session share one hash tag, so every script touches a single
   Redis Cluster slot.
 """
@@ -59,6 +63,7 @@ __all__ = [
     "MessageWindow",
     "lease_wait_delays",
     "READ",
+    "TAIL_FENCE_LUA",
     "FILL_SESSION",
     "FILL_TAIL",
     "WRITE_SESSION",
@@ -172,6 +177,23 @@ local function replace_if_older(key, value, version, px)
 end
 """
 
+# The tail's fence, '<last seq>:<tail bytes>:<complete 0|1>'. `complete` says the
+# tail holds every message it can (older ones do not fit or do not exist), so a
+# read reaching further back goes to the docstore without asking to refill it.
+TAIL_FENCE_LUA = """
+local function fence_of(key)
+  local value = redis.pcall('GET', key)
+  if not value then return nil end
+  if type(value) ~= 'string' then return false end
+  local last, bytes, complete = string.match(value, '^(%d+):(%d+):([01])$')
+  if not last then return false end
+  return tonumber(last), tonumber(bytes), complete == '1'
+end
+local function fence_value(last, bytes, complete)
+  return string.format('%d:%d:%d', last, bytes, complete and 1 or 0)
+end
+"""
+
 _TOMBSTONE_LUA = "".join(f"\\{byte}" for byte in TOMBSTONE)
 
 
@@ -204,46 +226,49 @@ class TailRead(IntEnum):
 # session lease on a miss (0/1), 5 drop the tail (0/1),
 # 6 after_seq, 7 before_seq, 8 limit (NO_VALUE for none).
 # Reply: {session code, value or '', dropped (0/1), tail code, messages...}.
+# A miss that takes the session lease also answers for the tail (so a cold
+# read takes both leases in one round trip); a window that reaches the
+# conversation's end but older messages than an incomplete tail holds takes
+# the tail lease, so its reader can install the longer tail it reads.
 READ = (
-    VERSION_OF_LUA
+    TAIL_FENCE_LUA
     + f"""
 local TOMBSTONE = "{_TOMBSTONE_LUA}"
 local token, lease_ms = ARGV[1], ARGV[2]
 local dropped = 0
-local value, wrong_type = get_checked(KEYS[1])
-if wrong_type or value == '' or (ARGV[3] ~= '' and value == ARGV[3]) then
+local code = {SessionRead.HIT}
+local value = redis.pcall('GET', KEYS[1])
+if type(value) == 'table' or value == '' or (ARGV[3] ~= '' and value == ARGV[3]) then
   -- A value the client could not decode: drop it, then read as a miss.
   redis.call('DEL', KEYS[1])
   value, dropped = false, 1
 end
 if not value then
   if ARGV[4] ~= '1' then return {{{SessionRead.MISSING}, '', dropped, 0}} end
-  if redis.call('SET', KEYS[2], token, 'NX', 'PX', lease_ms) then
-    return {{{SessionRead.LEASED}, '', dropped, 0}}
+  if not redis.call('SET', KEYS[2], token, 'NX', 'PX', lease_ms) then
+    return {{{SessionRead.BUSY}, '', dropped, 0}}
   end
-  return {{{SessionRead.BUSY}, '', dropped, 0}}
-end
-if value == TOMBSTONE then
+  code, value = {SessionRead.LEASED}, ''
+elseif value == TOMBSTONE then
   return {{{SessionRead.HIT}, value, dropped, {TailRead.NONE}}}
 end
 if ARGV[5] == '1' then
   redis.call('DEL', KEYS[3], KEYS[4])
   dropped = 1
 end
-local fence, fence_wrong = get_checked(KEYS[4])
+local last, bytes, complete = fence_of(KEYS[4])
 local length = redis.pcall('LLEN', KEYS[3])
-if fence_wrong or type(length) == 'table' or (fence and not tonumber(fence)) then
+if last == false or type(length) == 'table' then
   redis.call('DEL', KEYS[3], KEYS[4])
-  fence, length, dropped = false, 0, 1
+  last, length, dropped = nil, 0, 1
 end
-if not fence then
+if not last then
   if redis.call('SET', KEYS[5], token, 'NX', 'PX', lease_ms) then
-    return {{{SessionRead.HIT}, value, dropped, {TailRead.LEASED}}}
+    return {{code, value, dropped, {TailRead.LEASED}}}
   end
-  return {{{SessionRead.HIT}, value, dropped, {TailRead.BUSY}}}
+  return {{code, value, dropped, {TailRead.BUSY}}}
 end
 -- The tail holds seqs first..last without gaps; last is the conversation's last seq.
-local last = tonumber(fence)
 local first = last - length + 1
 local after, before, limit = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
 local low, high = 1, last
@@ -256,10 +281,14 @@ if limit >= 0 then
     low = high - limit + 1
   end
 end
-local reply = {{{SessionRead.HIT}, value, dropped, {TailRead.HIT}}}
+local reply = {{code, value, dropped, {TailRead.HIT}}}
 if low > high then return reply end
 if low < first then
-  return {{{SessionRead.HIT}, value, dropped, {TailRead.PARTIAL}}}
+  if high == last and not complete
+    and redis.call('SET', KEYS[5], token, 'NX', 'PX', lease_ms) then
+    return {{code, value, dropped, {TailRead.LEASED}}}
+  end
+  return {{code, value, dropped, {TailRead.PARTIAL}}}
 end
 local messages = redis.call('LRANGE', KEYS[3], low - first, high - first)
 for i = 1, #messages do reply[4 + i] = messages[i] end
@@ -308,20 +337,33 @@ return 1
 )
 
 # KEYS: tail, fence, tail_lease. ARGV: 1 lease token, 2 last seq (-1 only
-# releases the lease), 3 px, 4.. the encoded messages, oldest first.
-# Reply: FillResult.
-FILL_TAIL = """
+# releases the lease), 3 px, 4 byte budget, 5 complete (0/1), 6.. the encoded
+# messages, oldest first: the newest messages up to last seq that fit.
+# Replaces a tail with an older fence, or with the same fence and fewer
+# messages. Reply: FillResult (-1 also when the messages exceed the budget).
+FILL_TAIL = (
+    TAIL_FENCE_LUA
+    + """
 if redis.call('GET', KEYS[3]) ~= ARGV[1] then return 0 end
 redis.call('DEL', KEYS[3])
-if tonumber(ARGV[2]) < 0 then return 0 end
-local fence = tonumber(redis.pcall('GET', KEYS[2]))
-if fence and fence >= tonumber(ARGV[2]) then return -1 end
+local last = tonumber(ARGV[2])
+if last < 0 then return 0 end
+local count, bytes = #ARGV - 5, 0
+for i = 6, #ARGV do bytes = bytes + #ARGV[i] end
+if bytes > tonumber(ARGV[4]) then return -1 end
+local fence = fence_of(KEYS[2])
+if fence and fence > last then return -1 end
+if fence == last then
+  local length = redis.pcall('LLEN', KEYS[1])
+  if type(length) ~= 'table' and length >= count then return -1 end
+end
 redis.call('DEL', KEYS[1])
-for i = 4, #ARGV do redis.call('RPUSH', KEYS[1], ARGV[i]) end
-if #ARGV >= 4 then redis.call('PEXPIRE', KEYS[1], ARGV[3]) end
-redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
+for i = 6, #ARGV do redis.call('RPUSH', KEYS[1], ARGV[i]) end
+if count > 0 then redis.call('PEXPIRE', KEYS[1], ARGV[3]) end
+redis.call('SET', KEYS[2], fence_value(last, bytes, ARGV[5] == '1'), 'PX', ARGV[3])
 return 1
 """
+)
 
 # KEYS: value, lease. ARGV: 1 value, 2 its version, 3 px.
 # Reply: 1 if the cached value was replaced.
@@ -335,30 +377,52 @@ return replaced
 )
 
 # KEYS: value, lease, tail, fence, tail_lease. ARGV: 1 session value, 2 its
-# version, 3 px, 4 encoded message, 5 its seq, 6 tail length limit.
-# Reply: 1 if the cached session was replaced.
+# version, 3 px, 4 encoded message, 5 its seq, 6 tail length limit, 7 tail
+# byte budget. Reply: 1 if the cached session was replaced.
 WRITE_MESSAGE = (
     VERSION_OF_LUA
+    + TAIL_FENCE_LUA
     + """
 local version = tonumber(ARGV[2])
 local cached = version_of((get_checked(KEYS[1])))
 local replaced = replace_if_older(KEYS[1], ARGV[1], version, ARGV[3])
 local seq = tonumber(ARGV[5])
-local fence = tonumber(redis.pcall('GET', KEYS[4]))
+local last, bytes, complete = fence_of(KEYS[4])
 if cached == nil or cached > version then
   -- No current copy, or a later write's script ran first: that may have been a
   -- pop or clear that removed this message again, so the tail must not get it.
   redis.call('DEL', KEYS[3], KEYS[4])
-elseif fence then
-  if fence == seq - 1 then
-    redis.call('RPUSH', KEYS[3], ARGV[4])
-    redis.call('LTRIM', KEYS[3], -tonumber(ARGV[6]), -1)
-    redis.call('PEXPIRE', KEYS[3], ARGV[3])
-    redis.call('SET', KEYS[4], ARGV[5], 'PX', ARGV[3])
-  elseif fence < seq - 1 then
+elseif last then
+  if last == seq - 1 then
+    local limit, budget, size = tonumber(ARGV[6]), tonumber(ARGV[7]), #ARGV[4]
+    local length = redis.pcall('LLEN', KEYS[3])
+    if type(length) == 'table' then
+      redis.call('DEL', KEYS[3])
+      length = 0
+    end
+    if length == 0 then bytes = 0 end
+    if size > budget then
+      -- Never cached: the tail restarts after this message, and nothing older
+      -- can join it again.
+      redis.call('DEL', KEYS[3])
+      bytes, complete = 0, true
+    else
+      redis.call('RPUSH', KEYS[3], ARGV[4])
+      bytes, length = bytes + size, length + 1
+      while length > 0 and (length > limit or bytes > budget) do
+        bytes, length = bytes - #redis.call('LPOP', KEYS[3]), length - 1
+        complete = true
+      end
+      if length == 0 then bytes = 0 end
+      redis.call('PEXPIRE', KEYS[3], ARGV[3])
+    end
+    redis.call('SET', KEYS[4], fence_value(seq, bytes, complete), 'PX', ARGV[3])
+  elseif last < seq - 1 then
     -- Another append's update has not arrived yet; a tail with a gap is useless.
     redis.call('DEL', KEYS[3], KEYS[4])
   end
+elseif last == false then
+  redis.call('DEL', KEYS[3], KEYS[4])
 end
 redis.call('DEL', KEYS[2], KEYS[5])
 return replaced

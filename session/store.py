@@ -66,7 +66,7 @@ from .serializer import (
     encode_session,
 )
 
-__all__ = ["SessionStore", "STAT_NAMES", "short_hash"]
+__all__ = ["SessionStore", "STAT_NAMES", "DEFAULT_TAIL_BYTES", "short_hash"]
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +88,10 @@ STAT_NAMES = (
     "cache_fences",  # times Redis had lost the scripts and the namespace was dropped
     "foreign_keys",  # keys under the prefix a fence met that are not the store's (left alone)
 )
+
+# The default byte budget of a cached message tail: a chat's last 100 turns of
+# ordinary size fit; a few agent tool outputs fill it (see README).
+DEFAULT_TAIL_BYTES = 256 * 1024
 
 # Reserve room for "<conversation key>." in a message document's id.
 _CONVERSATION_BYTES = 16
@@ -231,6 +235,7 @@ class SessionStore:
         sessions_collection: str = "sessions",
         messages_collection: str = "messages",
         tail_size: int = 100,
+        tail_bytes: int = DEFAULT_TAIL_BYTES,
         fill_lease_ttl: float = 2.0,
         lease_wait: float = 0.1,
         tombstone_ttl: float = 10.0,
@@ -254,6 +259,8 @@ class SessionStore:
             ) from None
         if isinstance(tail_size, bool) or not isinstance(tail_size, int) or tail_size < 0:
             raise ValueError(f"tail_size must be an int >= 0, not {tail_size!r}")
+        if isinstance(tail_bytes, bool) or not isinstance(tail_bytes, int) or tail_bytes < 0:
+            raise ValueError(f"tail_bytes must be an int >= 0, not {tail_bytes!r}")
         if cache is not None and cache.get_encoder().decode_responses:
             raise ValueError("the Redis client must not decode responses (decode_responses=False)")
         self._docstore = docstore
@@ -262,6 +269,7 @@ class SessionStore:
         self._sessions = sessions_collection
         self._messages = messages_collection
         self._tail_size = tail_size
+        self._tail_bytes = tail_bytes
         self._clock = clock
         self._owns_docstore = owns_docstore
         self._owns_cache = owns_cache
@@ -583,13 +591,14 @@ class SessionStore:
         )
         if not self._usable_id(session_id):
             return []
-        use_tail = self._cache is not None and self._tail_size > 0
+        use_tail = self._cache is not None and self._tail_size > 0 and self._tail_bytes > 0
         lookup = self._lookup(session_id, window if use_tail else None)
         state = lookup.state
         if state is None:
             return []
-        if use_tail and not lookup.from_cache and not lookup.cache_failed:
-            # The session was just read from the docstore; ask Redis about the tail alone.
+        if use_tail and lookup.tail is TailRead.NONE and not lookup.cache_failed:
+            # The session was read from the docstore without a word about the
+            # tail (a lease wait gave up, or our clock said expired): ask Redis.
             lookup = self._read_tail(session_id, state, window)
         return self._messages_for(session_id, state, window, lookup)
 
@@ -784,6 +793,12 @@ class SessionStore:
     def _query_messages(
         self, session_id: str, state: SessionState, window: MessageWindow
     ) -> list[Message]:
+        return self._messages_of(self._query_documents(state, window), session_id)
+
+    def _query_documents(
+        self, state: SessionState, window: MessageWindow
+    ) -> list[docstore.Document]:
+        """Return the message documents of the window, oldest first."""
         filters: dict[str, Any] = {"conv": state.conversation}
         seq_bounds = window.seq_filter()
         if seq_bounds:
@@ -798,7 +813,7 @@ class SessionStore:
             )
         if newest_first:
             docs.reverse()
-        return self._messages_of(docs, session_id)
+        return docs
 
     @staticmethod
     def _messages_of(docs: Sequence[docstore.Document], session_id: str) -> list[Message]:
@@ -1064,7 +1079,10 @@ class SessionStore:
                 time.sleep(delay)
             if reply.session is SessionRead.LEASED:
                 self._stats.add("misses")
-                return _Lookup(self._fill_session(session_id, token))
+                # With a window, READ also answered for the tail (and may have
+                # leased it to us): keep that, it saves a round trip.
+                state = self._fill_session(session_id, token)
+                return _Lookup(state, False, reply.tail, reply.messages, token)
             assert reply.session is SessionRead.HIT and reply.value is not None
             if reply.is_tombstone:
                 self._stats.add("hits")
@@ -1159,41 +1177,67 @@ class SessionStore:
     def _fill_tail(
         self, session_id: str, state: SessionState, window: MessageWindow, token: str
     ) -> list[Message]:
-        """Read the newest messages under our tail lease, install them, answer the request."""
-        keys = self._keys(session_id)
-        with self._translated():
-            docs = self._docstore.query(
-                self._messages,
-                {"conv": state.conversation},
-                order_by="-seq",
-                limit=self._tail_size,
-            )
-        docs.reverse()
-        newest = self._messages_of(docs, session_id)
-        # Only a run of consecutive seqs ending at the newest can serve as a tail.
-        start = max(len(newest) - 1, 0)
-        while start > 0 and newest[start - 1].seq == newest[start].seq - 1:
-            start -= 1
-        tail = newest[start:]
-        last_seq = tail[-1].seq if tail else 0
-        args: list[object] = [token, -1, 0]
+        """Answer the request from the docstore; under our tail lease, install what fits of it.
+
+        A cold read costs what it returns: the docstore is asked for the
+        window alone, never for more to fill the tail. When the window
+        reaches the conversation's end, its newest messages that fit the
+        count limit and the byte budget become the tail.
+        """
+        docs = self._query_documents(state, window)
+        messages = self._messages_of(docs, session_id)
+        tail: list[tuple[Message, bytes]] = []
+        args: list[object] = [token, -1, 0, 0, 0]
         px = self._px(state)
-        if px is not None and len(newest) == len(docs):
+        reached_end = window.before_seq is None and (
+            window.newest_first() or window.limit is None or len(docs) < window.limit
+        )
+        if (
+            px is not None
+            and reached_end
+            and len(messages) == len(docs)
+            # An empty answer says the conversation is empty only if it asked for all.
+            and (messages or (window.after_seq in (None, 0) and window.limit != 0))
+        ):
             try:
-                args = [token, last_seq, px, *(encode_message(message) for message in tail)]
+                bound = self._newest_that_fit(messages, tail)
             except EncodeError as exc:
                 logger.warning("messages of %s cannot be cached: %s", short_hash(session_id), exc)
+            else:
+                reached_start = window.after_seq in (None, 0) and (
+                    window.limit is None or len(docs) < window.limit
+                )
+                last_seq = messages[-1].seq if messages else 0
+                complete = int(bound or reached_start)
+                entries = [entry for _, entry in reversed(tail)]
+                args = [token, last_seq, px, self._tail_bytes, complete, *entries]
+        keys = self._keys(session_id)
         result = self._run(
             "FILL_TAIL", (keys.tail, keys.fence, keys.tail_lease), args, coherence.parse_fill_reply
         )
         self._count_fill(result, installing=args[1] != -1)
-        low, high = window.bounds(last_seq)
-        first_seq = tail[0].seq if tail else last_seq + 1
-        if low > high:
-            return []
-        if low >= first_seq:
-            return [message for message in tail if low <= message.seq <= high]
-        return self._query_messages(session_id, state, window)
+        return messages
+
+    def _newest_that_fit(
+        self, messages: Sequence[Message], tail: list[tuple[Message, bytes]]
+    ) -> bool:
+        """Collect into `tail`, newest first, the run of messages the tail can hold.
+
+        Return True if an older message was left out (it does not fit, or a
+        gap in the seqs stops the run), False if every message was taken.
+        """
+        size = 0
+        for message in reversed(messages):
+            if tail and message.seq != tail[-1][0].seq - 1:
+                return True
+            if len(tail) >= self._tail_size:
+                return True
+            entry = encode_message(message)
+            if size + len(entry) > self._tail_bytes:
+                return True
+            tail.append((message, entry))
+            size += len(entry)
+        return False
 
     # -- writing -----------------------------------------------------------------
 
@@ -1263,7 +1307,15 @@ class SessionStore:
         if value is None or px is None:
             self._invalidate(session_id, tombstone=False)
             return
-        args = (value, state.session.version, px, entry, message.seq, max(self._tail_size, 1))
+        args = (
+            value,
+            state.session.version,
+            px,
+            entry,
+            message.seq,
+            max(self._tail_size, 1),
+            self._tail_bytes,
+        )
         if self._run("WRITE_MESSAGE", self._keys(session_id).all(), args, _parse_int) is None:
             self._remember_stale(session_id)
 

@@ -45,7 +45,7 @@ from session import (
     VersionConflict,
 )
 from session.coherence import session_keys
-from session.serializer import TOMBSTONE, decode_session
+from session.serializer import TOMBSTONE, decode_message, decode_session, encode_message
 
 __all__ = [
     "SessionStoreContract",
@@ -1724,6 +1724,244 @@ class SessionStoreContract:
         assert stale == []
         everything = stores[2].get_messages(created.id)
         assert [m.seq for m in everything] == list(range(1, 76))
+
+    # -- the tail's byte budget -------------------------------------------------------
+
+    @staticmethod
+    def cached_tail(cache: redis.Redis, key_prefix: str, session_id: str) -> list[Message]:
+        """Return the cached tail of a session, checking it against its budget's rules.
+
+        The tail's bytes are measured in Redis (the values' lengths, and on a
+        real server MEMORY USAGE too) and must match what the fence records.
+        """
+        keys = session_keys(key_prefix, session_id)
+        entries = cache.lrange(keys.tail, 0, -1)
+        fence = cache.get(keys.fence)
+        tail = [decode_message(entry, session_id) for entry in entries]
+        if fence is None:
+            return tail
+        last, recorded, _ = (int(part) for part in fence.split(b":"))
+        assert recorded == sum(len(entry) for entry in entries)
+        assert [m.seq for m in tail] == list(range(last - len(tail) + 1, last + 1))
+        return tail
+
+    @staticmethod
+    def assert_within_budget(
+        cache: redis.Redis, key_prefix: str, session_id: str, budget: int
+    ) -> None:
+        keys = session_keys(key_prefix, session_id)
+        assert sum(len(entry) for entry in cache.lrange(keys.tail, 0, -1)) <= budget
+        try:
+            used = cache.memory_usage(keys.tail, samples=0)
+        except redis.ResponseError:
+            return  # fakeredis has no MEMORY USAGE; the values' lengths are measured above
+        # Redis's own overhead comes on top of the values: an allocator size
+        # class (at most a quarter more) and a few dozen bytes per key and entry.
+        assert used is None or used <= budget * 1.25 + 1024
+
+    @staticmethod
+    def newest_that_fit(messages: list[Message], budget: int, count: int) -> list[Message]:
+        """Return the newest run of messages whose encoded sizes fit the budget."""
+        fitting: list[Message] = []
+        used = 0
+        for message in reversed(messages):
+            size = len(encode_message(message))
+            if len(fitting) >= count or used + size > budget:
+                break
+            fitting.insert(0, message)
+            used += size
+        return fitting
+
+    def test_tail_keeps_the_newest_messages_that_fit(
+        self, make_store: Callable[..., SessionStore], needs_cache: redis.Redis, key_prefix: str
+    ) -> None:
+        budget = 2048
+        store = make_store(tail_bytes=budget, tail_size=10)
+        created = store.create_session()
+        assert store.get_messages(created.id) == []  # caches the empty tail
+        everything: list[Message] = []
+        sizes = random.Random(15).choices([10, 200, 700, 1500, 1900, 3000], k=40)
+        for i, size in enumerate(sizes):
+            everything.append(store.add_message(created.id, "user", f"{i}:" + "x" * size))
+            self.assert_within_budget(needs_cache, key_prefix, created.id, budget)
+            # An append trims the tail to the newest that fit, instead of growing it.
+            assert self.cached_tail(needs_cache, key_prefix, created.id) == self.newest_that_fit(
+                everything, budget, 10
+            )
+            for limit in (1, 3, 12):
+                assert store.get_messages(created.id, limit=limit) == everything[-limit:]
+        assert store.get_messages(created.id) == everything
+        self.assert_within_budget(needs_cache, key_prefix, created.id, budget)
+
+    @pytest.mark.parametrize("budget", [0, 300, 5000])
+    def test_reads_are_correct_across_the_budget_edge(
+        self,
+        make_store: Callable[..., SessionStore],
+        cache: redis.Redis | None,
+        key_prefix: str,
+        budget: int,
+    ) -> None:
+        store = make_store(tail_bytes=budget, tail_size=100)
+        created = store.create_session()
+        everything = [
+            store.add_message(created.id, "user", f"m{i}" + "y" * (i * 37 % 400)) for i in range(12)
+        ]
+        keys = session_keys(key_prefix, created.id)
+        values = (None, 0, 5, 11, 20)
+        for after_seq in values:
+            for before_seq in values:
+                for limit in (None, 0, 1, 3, 100):
+                    window = {"after_seq": after_seq, "before_seq": before_seq, "limit": limit}
+                    expected = reference_window(everything, **window)
+                    if cache is not None:
+                        cache.delete(keys.tail, keys.fence)  # cold: this window fills the tail
+                    assert store.get_messages(created.id, **window) == expected, window
+                    assert store.get_messages(created.id, **window) == expected, window
+                    if cache is not None:
+                        self.assert_within_budget(cache, key_prefix, created.id, budget)
+                        self.cached_tail(cache, key_prefix, created.id)
+
+    def test_huge_message_is_served_from_the_docstore(
+        self,
+        make_store: Callable[..., SessionStore],
+        session_docstore: docstore.DocumentStore,
+        collections: tuple[str, str],
+        needs_cache: redis.Redis,
+        key_prefix: str,
+    ) -> None:
+        proxy = DocstoreProxy(session_docstore)
+        store = make_store(docstore=proxy, tail_bytes=1024)
+        created = store.create_session()
+        small = store.add_message(created.id, "user", "small")
+        assert store.get_messages(created.id) == [small]
+        huge = store.add_message(created.id, "tool", "z" * 5000)
+        assert self.cached_tail(needs_cache, key_prefix, created.id) == []
+        needs_cache.delete(*session_keys(key_prefix, created.id).all())
+        for _ in range(2):  # cold, then again with the (empty) tail cached
+            proxy.reset()
+            assert store.get_messages(created.id, limit=1) == [huge]
+            assert proxy.calls["query"] == 1
+            assert self.cached_tail(needs_cache, key_prefix, created.id) == []
+        after = store.add_message(created.id, "assistant", "after")
+        proxy.reset()
+        assert store.get_messages(created.id, limit=1) == [after]
+        assert proxy.total_calls() == 0  # served from the tail, which restarts after the huge one
+        assert store.get_messages(created.id) == [small, huge, after]
+        assert self.cached_tail(needs_cache, key_prefix, created.id) == [after]
+
+    def test_cold_read_costs_what_it_returns(
+        self,
+        make_store: Callable[..., SessionStore],
+        session_docstore: docstore.DocumentStore,
+        collections: tuple[str, str],
+        needs_cache: redis.Redis,
+        key_prefix: str,
+    ) -> None:
+        proxy = DocstoreProxy(session_docstore)
+        returned: list[int] = []
+        proxy.after["query"] = lambda result, *args, **kwargs: returned.append(len(result))
+        store = make_store(docstore=proxy, tail_bytes=4096)
+        created = store.create_session()
+        everything = [store.add_message(created.id, "tool", "w" * 3000) for _ in range(20)]
+        needs_cache.delete(*session_keys(key_prefix, created.id).all())
+        assert store.get_messages(created.id, limit=3) == everything[-3:]
+        assert returned == [3]  # not the tail's count limit of messages
+        assert self.cached_tail(needs_cache, key_prefix, created.id) == everything[-1:]
+        # A later append trims instead of growing, and the hot read still answers.
+        everything.append(store.add_message(created.id, "tool", "v" * 3000))
+        assert self.cached_tail(needs_cache, key_prefix, created.id) == everything[-1:]
+        returned.clear()
+        assert store.get_messages(created.id, limit=1) == everything[-1:]
+        assert returned == []
+
+    def test_short_cold_read_grows_the_tail_on_demand(
+        self,
+        make_store: Callable[..., SessionStore],
+        needs_cache: redis.Redis,
+        key_prefix: str,
+    ) -> None:
+        store = make_store(tail_size=6)
+        created = store.create_session()
+        everything = [store.add_message(created.id, "user", f"m{i}") for i in range(10)]
+        needs_cache.delete(*session_keys(key_prefix, created.id).all())
+        assert store.get_messages(created.id, limit=2) == everything[-2:]
+        assert self.cached_tail(needs_cache, key_prefix, created.id) == everything[-2:]
+        assert store.get_messages(created.id, limit=4) == everything[-4:]
+        assert self.cached_tail(needs_cache, key_prefix, created.id) == everything[-4:]
+        assert store.get_messages(created.id) == everything
+        assert self.cached_tail(needs_cache, key_prefix, created.id) == everything[-6:]
+        before = store.stats()["message_hits"]
+        assert store.get_messages(created.id, limit=6) == everything[-6:]
+        assert store.stats()["message_hits"] == before + 1
+
+    def test_no_stale_messages_across_the_budget_edge(
+        self,
+        make_store: Callable[..., SessionStore],
+        session_docstore: docstore.DocumentStore,
+        key_prefix: str,
+        needs_cache: redis.Redis,
+    ) -> None:
+        """Appends around the budget's size never let a later read miss a returned seq."""
+        budget = 1500
+        proxy = DocstoreProxy(session_docstore)
+        proxy.jitter = 0.002
+        stores = [
+            make_store(docstore=proxy, tail_bytes=budget, lease_wait=0.01) for _ in range(3)
+        ]
+        created = stores[0].create_session()
+        keys = session_keys(key_prefix, created.id)
+        lock = threading.Lock()
+        returned = [0]
+        stale: list[tuple[int, int]] = []
+        stop = threading.Event()
+
+        def appender(index: int) -> Callable[[], None]:
+            def run() -> None:
+                sizes = random.Random(index).choices([50, 400, 900, 1400, 2000], k=20)
+                for i, size in enumerate(sizes):
+                    text = f"{index}.{i}:" + "s" * size
+                    message = stores[index % 3].add_message(created.id, "user", text)
+                    with lock:
+                        returned[0] = max(returned[0], message.seq)
+
+            return run
+
+        def reader(index: int) -> Callable[[], None]:
+            def run() -> None:
+                while not stop.is_set():
+                    with lock:
+                        floor = returned[0]
+                    messages = stores[index % 3].get_messages(created.id, limit=1 + index)
+                    last = messages[-1].seq if messages else 0
+                    if last < floor:
+                        stale.append((last, floor))
+                    assert [m.seq for m in messages] == list(
+                        range(last - len(messages) + 1, last + 1)
+                    )
+                    assert sum(
+                        len(entry) for entry in needs_cache.lrange(keys.tail, 0, -1)
+                    ) <= budget
+
+            return run
+
+        def evictor() -> None:
+            while not stop.is_set():
+                needs_cache.delete(keys.tail, keys.fence)
+                time.sleep(random.random() * 0.01)
+
+        def appenders() -> None:
+            try:
+                _run_threads(*(appender(index) for index in range(3)))
+            finally:
+                stop.set()
+
+        _run_threads(appenders, evictor, *(reader(index) for index in range(3)))
+        assert stale == []
+        everything = stores[2].get_messages(created.id)
+        assert [m.seq for m in everything] == list(range(1, 61))
+        assert stores[1].get_messages(created.id, limit=4) == everything[-4:]
+        self.assert_within_budget(needs_cache, key_prefix, created.id, budget)
+        self.cached_tail(needs_cache, key_prefix, created.id)
 
     # -- Redis failures ------------------------------------------------------------
 

@@ -16,9 +16,12 @@ from session import Message, Session
 from session.breaker import CircuitBreaker
 from session.coherence import (
     FILL_SESSION,
+    FILL_TAIL,
+    READ,
     READ_DROPPED,
     READ_SESSION,
     VERSION_OF_LUA,
+    WRITE_MESSAGE,
     WRITE_SESSION,
     FillResult,
     MessageWindow,
@@ -31,6 +34,7 @@ from session.coherence import (
     parse_fill_reply,
     parse_read_reply,
     parse_read_session_reply,
+    read_args,
     read_session_args,
     session_keys,
 )
@@ -404,3 +408,125 @@ def test_breaker_arguments() -> None:
         CircuitBreaker(threshold=0, cooldown=1, clock=Clock())
     with pytest.raises(ValueError):
         CircuitBreaker(threshold=1, cooldown=-1, clock=Clock())
+
+
+# --------------------------------------------------------------------------- the tail's budget
+
+
+def sized_entry(seq: int, size: int) -> bytes:
+    """Return an encoded message of about `size` bytes (a few more: msgpack headers)."""
+    entry = encode_message(make_message(seq=seq))
+    pad = size - len(entry)
+    assert pad >= 0
+    return encode_message(
+        Message(
+            session_id="sid",
+            seq=seq,
+            id="m",
+            role="user",
+            content="hello ✓" + "p" * pad,
+            metadata={"k": [1, None]},
+            created_at=NOW,
+        )
+    )
+
+
+def tail_state(lua: fakeredis.FakeRedis, keys: Any) -> tuple[list[bytes], bytes | None]:
+    return lua.lrange(keys.tail, 0, -1), lua.get(keys.fence)
+
+
+def append(
+    lua: fakeredis.FakeRedis, keys: Any, entry: bytes, seq: int, limit: int, budget: int
+) -> None:
+    write = lua.register_script(WRITE_MESSAGE)
+    # The append follows the cached session's version (else the tail is dropped).
+    lua.set(keys.value, encode_session(make_state(version=seq)))
+    session = encode_session(make_state(version=seq + 1))
+    write(keys=keys.all(), args=[session, seq + 1, 10_000, entry, seq, limit, budget])
+
+
+def test_append_trims_the_tail_to_its_budget(lua: fakeredis.FakeRedis) -> None:
+    keys = session_keys("unit:", "budget-append")
+    lua.set(keys.fence, b"0:0:1")
+    entries = [sized_entry(seq, size) for seq, size in enumerate([100, 300, 500, 250, 900], 1)]
+    for seq, entry in enumerate(entries[:4], 1):
+        append(lua, keys, entry, seq, limit=10, budget=1000)
+    # About 100 + 300 + 500 fit; 250 more pushes the two oldest out.
+    assert tail_state(lua, keys) == (entries[2:4], b"4:%d:1" % sum(map(len, entries[2:4])))
+    append(lua, keys, entries[4], 5, limit=10, budget=1000)
+    assert tail_state(lua, keys) == ([entries[4]], b"5:%d:1" % len(entries[4]))
+    # The count limit still holds alongside the budget.
+    for seq in range(6, 9):
+        append(lua, keys, sized_entry(seq, 64), seq, limit=2, budget=1000)
+    cached, fence = tail_state(lua, keys)
+    assert len(cached) == 2 and fence == b"8:%d:1" % sum(map(len, cached))
+
+
+def test_append_of_a_message_over_the_budget_empties_the_tail(lua: fakeredis.FakeRedis) -> None:
+    keys = session_keys("unit:", "budget-huge")
+    lua.set(keys.fence, b"2:200:0")
+    lua.rpush(keys.tail, sized_entry(1, 100), sized_entry(2, 100))
+    append(lua, keys, sized_entry(3, 5000), 3, limit=10, budget=1000)
+    assert tail_state(lua, keys) == ([], b"3:0:1")
+    small = sized_entry(4, 100)
+    append(lua, keys, small, 4, limit=10, budget=1000)
+    assert tail_state(lua, keys) == ([small], b"4:%d:1" % len(small))
+    # A gap (an update that has not arrived) drops the tail; so does a garbage fence.
+    append(lua, keys, sized_entry(6, 100), 6, limit=10, budget=1000)
+    assert tail_state(lua, keys) == ([], None)
+    lua.set(keys.fence, b"6")
+    lua.rpush(keys.tail, small)
+    append(lua, keys, sized_entry(7, 100), 7, limit=10, budget=1000)
+    assert tail_state(lua, keys) == ([], None)
+
+
+def test_fill_tail_installs_within_the_budget_and_only_longer(lua: fakeredis.FakeRedis) -> None:
+    keys = session_keys("unit:", "budget-fill")
+    fill = lua.register_script(FILL_TAIL)
+    tail_keys = (keys.tail, keys.fence, keys.tail_lease)
+    entries = [sized_entry(seq, 200) for seq in range(1, 6)]
+
+    def run(last: int, budget: int, complete: int, messages: list[bytes]) -> int:
+        lua.set(keys.tail_lease, b"t")
+        return int(fill(keys=tail_keys, args=["t", last, 10_000, budget, complete, *messages]))
+
+    # Over the budget: refused, whatever the client says.
+    assert run(5, 300, 1, entries[3:]) == FillResult.NEWER_CACHED
+    assert tail_state(lua, keys) == ([], None)
+    assert run(5, 1000, 0, entries[3:]) == FillResult.INSTALLED  # the lease was released
+    assert tail_state(lua, keys) == (entries[3:], b"5:%d:0" % sum(map(len, entries[3:])))
+    # The same fence: only a longer tail replaces it.
+    assert run(5, 1000, 0, entries[4:]) == FillResult.NEWER_CACHED
+    assert run(5, 1000, 1, entries[1:]) == FillResult.INSTALLED
+    assert tail_state(lua, keys) == (entries[1:], b"5:%d:1" % sum(map(len, entries[1:])))
+    assert run(4, 1000, 1, entries[:4]) == FillResult.NEWER_CACHED
+    # An empty tail after a message over the budget.
+    assert run(6, 1000, 1, []) == FillResult.INSTALLED
+    assert tail_state(lua, keys) == ([], b"6:0:1")
+
+
+def test_read_leases_an_incomplete_tail_only_for_windows_reaching_the_end(
+    lua: fakeredis.FakeRedis,
+) -> None:
+    keys = session_keys("unit:", "budget-read")
+    read = lua.register_script(READ)
+    lua.set(keys.value, encode_session(make_state(version=3)))
+    entries = [sized_entry(seq, 100) for seq in (4, 5)]
+    lua.rpush(keys.tail, *entries)
+
+    def tail_code(window: MessageWindow) -> TailRead:
+        lua.delete(keys.tail_lease)
+        return parse_read_reply(read(keys=keys.all(), args=read_args("t", 10_000, window))).tail
+
+    lua.set(keys.fence, b"5:200:0")
+    assert tail_code(MessageWindow(limit=2)) is TailRead.HIT
+    assert tail_code(MessageWindow(limit=3)) is TailRead.LEASED
+    assert tail_code(MessageWindow(after_seq=1)) is TailRead.LEASED
+    assert tail_code(MessageWindow(limit=3, before_seq=5)) is TailRead.PARTIAL
+    lua.set(keys.fence, b"5:200:1")
+    assert tail_code(MessageWindow(limit=3)) is TailRead.PARTIAL
+    # A cold session takes both leases in one round trip.
+    lua.delete(keys.value, keys.tail, keys.fence)
+    reply = parse_read_reply(read(keys=keys.all(), args=read_args("t", 10_000, MessageWindow())))
+    assert (reply.session, reply.tail) == (SessionRead.LEASED, TailRead.LEASED)
+    assert lua.get(keys.lease) == lua.get(keys.tail_lease) == b"t"
