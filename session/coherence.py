@@ -501,7 +501,7 @@ class FenceResult(IntEnum):
 FENCE_VALUE = "value"  # `:s`: an encoded session or a tombstone
 FENCE_TAIL = "tail"  # `:m`: a list of encoded messages
 FENCE_TOKEN = "token"  # `:s:lease`, `:m:lease`: a lease token
-FENCE_SEQ = "seq"  # `:m:seq`: the tail's last seq
+FENCE_SEQ = "seq"  # `:m:seq`: the tail's fence (its last seq, bytes, completeness)
 _FENCE_KINDS = (
     ("}:s", FENCE_VALUE),
     ("}:s:lease", FENCE_TOKEN),
@@ -559,7 +559,11 @@ elseif key_type == 'string' then
   elseif kind == '{FENCE_TOKEN}' then
     ours = length == 32 and string.match(redis.call('GET', key), '^[0-9a-f]+$') ~= nil
   elseif kind == '{FENCE_SEQ}' then
-    ours = length <= 20 and string.match(redis.call('GET', key), '^[0-9]+$') ~= nil
+    -- '<last seq>:<tail bytes>:<complete>' (TAIL_FENCE_LUA), or a bare seq
+    -- as library versions before the tail's byte budget wrote it.
+    local fence = redis.call('GET', key)
+    ours = length <= 44 and (string.match(fence, '^[0-9]+:[0-9]+:[01]$') ~= nil
+      or string.match(fence, '^[0-9]+$') ~= nil)
   end
 end
 if not ours then return {FenceResult.FOREIGN} end

@@ -1445,13 +1445,19 @@ class SessionStoreContract:
 
     @pytest.mark.flushes_redis_scripts
     def test_scripts_reload_after_a_flush(
-        self, store: SessionStore, needs_cache: redis.Redis
+        self, store: SessionStore, needs_cache: redis.Redis, key_prefix: str
     ) -> None:
         created = store.create_session()
-        store.get_session(created.id)
+        message = store.add_message(created.id, "user", "hi")
+        assert store.get_messages(created.id) == [message]  # the tail and its fence are cached
+        cached = store.get_session(created.id)
+        keys = session_keys(key_prefix, created.id)
         needs_cache.script_flush()  # as after a Redis restart or failover
-        assert store.get_session(created.id) == created
-        assert store.update_session(created.id, {"a": 1}).version == 2
+        assert store.get_session(created.id) == cached
+        # The restart fence dropped every key of the session, the tail's included.
+        assert needs_cache.exists(keys.tail, keys.fence) == 0
+        assert store.get_messages(created.id) == [message]
+        assert store.update_session(created.id, {"a": 1}).version == 3
         assert store.stats()["cache_errors"] == 0
 
     def test_tombstone_answers_after_delete(

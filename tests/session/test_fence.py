@@ -63,6 +63,7 @@ def foreign_keys(prefix: str) -> dict[str, object]:
         f"{prefix}{{f}}:m": [b"plain", b"list"],
         f"{prefix}{{g}}:m": [encode_message(make_message()), b"not ours at the end"],
         f"{prefix}{{h}}:m:seq": b"twelve",
+        f"{prefix}{{h2}}:m:seq": b"12:34:2",
         f"{prefix}{{i}}:s:lease": b"not-a-lease-token",
         f"{prefix}{{j}}:m:lease": new_lease_token().upper().encode(),
         f"{layout}:m:seq:backup": b"12",
@@ -77,7 +78,8 @@ def own_keys(prefix: str) -> dict[str, object]:
         keys.value: encode_session(make_state()),
         keys.lease: new_lease_token().encode(),
         keys.tail: [message, message],
-        keys.fence: b"2",
+        keys.fence: b"2:%d:0" % (2 * len(message)),
+        session_keys(prefix, "an-older-library").fence: b"2",  # a bare seq, as before the budget
         keys.tail_lease: new_lease_token().encode(),
         session_keys(prefix, "a-deleted-session").value: TOMBSTONE,
         session_keys(prefix, "a}brace{inside").value: TOMBSTONE,
