@@ -11,8 +11,10 @@ __all__ = ["CircuitBreaker"]
 class CircuitBreaker:
     """Open after `threshold` consecutive failures; allow a probe again after `cooldown`.
 
-    While open, `allow()` is False and the caller goes straight to PostgreSQL,
-    so a Redis that is down costs one timeout per burst, not one per call.
+    While open, `allow()` is False and a read goes straight to PostgreSQL, so
+    a Redis that is down costs reads one timeout per burst, not one per call.
+    The store never lets it stop a write's cache update: the breaker only
+    guesses that Redis is still down, and may be wrong for a cool-down.
     After the cool-down every caller may probe; one more failure opens it
     again, one success closes it. Thread-safe.
     """

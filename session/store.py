@@ -283,6 +283,7 @@ class SessionStore:
         # drain does not forget a session that failed again meanwhile.
         self._pending: OrderedDict[str, int] = OrderedDict()
         self._pending_generation = 0
+        self._thread = threading.local()  # per thread: Redis failures seen (cache_failures)
         self._decode_error_logged = False
         self._foreign_warned = False
         self._conversations = _ConversationKeys()
@@ -513,6 +514,7 @@ class SessionStore:
         }
         if not self._usable_id(session_id):
             raise SessionNotFound("no such session")
+        cache_failures = self._cache_failures_here()
         # Refuse bad input before the session lookup, which may fill the cache.
         # (With the key known, the docstore's own validation refuses it before
         # anything is written.)
@@ -531,15 +533,17 @@ class SessionStore:
             )
 
         appended = self._write(session_id, append)
+        # A lookup that just timed out means Redis is down: one timeout per call is enough.
+        try_cache = self._cache_failures_here() == cache_failures
         if appended is None:
-            self._invalidate(session_id, tombstone=True)
+            self._invalidate(session_id, tombstone=True, try_cache=try_cache)
             raise SessionNotFound("no such session")
         parent_state = self._state_of(appended[0], session_id)
         self._conversations.remember(session_id, parent_state)
         message = message_from_document(appended[1], session_id)
         if message is None:
             raise SessionError(f"message document {short_hash(child_id)} is malformed")
-        self._refresh_after_append(session_id, parent_state, message)
+        self._refresh_after_append(session_id, parent_state, message, try_cache=try_cache)
         return message
 
     def pop_message(self, session_id: str) -> Message | None:
@@ -844,10 +848,24 @@ class SessionStore:
     # -- Redis plumbing ---------------------------------------------------------
 
     def _run(
-        self, script: str, keys: Sequence[str], args: Sequence[object], parse: Callable[[object], T]
+        self,
+        script: str,
+        keys: Sequence[str],
+        args: Sequence[object],
+        parse: Callable[[object], T],
+        *,
+        write: bool = False,
     ) -> T | None:
-        """Run one protocol script; None (counted, logged once per burst) if Redis failed."""
-        if not self._breaker.allow():
+        """Run one protocol script; None (counted, logged once per burst) if Redis failed.
+
+        A read skips Redis while the breaker is open. A write's cache update
+        (`write=True`) never skips it: the breaker is this process's guess that
+        Redis is down, and a write that skipped a Redis that is in fact up
+        would return while other processes still serve the older copy. During
+        a real outage the write pays at most one socket timeout, then remembers
+        the session as stale.
+        """
+        if not write and not self._breaker.allow():
             self._stats.add("cache_skipped")
             return None
         if self._pending and not self._drain():
@@ -961,12 +979,18 @@ class SessionStore:
 
     def _cache_failed(self, exc: Exception) -> None:
         self._stats.add("cache_errors")
+        self._thread.cache_failures = self._cache_failures_here() + 1
         if self._breaker.record_failure():
             logger.warning(
                 "Redis call failed (%s: %s); using the docstore alone until Redis recovers",
                 type(exc).__name__,
                 str(exc)[:200],
             )
+
+    def _cache_failures_here(self) -> int:
+        """Return how many Redis calls of this thread have failed (to spot one within a call)."""
+        failures: int = getattr(self._thread, "cache_failures", 0)
+        return failures
 
     def _cache_ok(self) -> None:
         failures = self._breaker.record_success()
@@ -1007,13 +1031,21 @@ class SessionStore:
     def _keys(self, session_id: str) -> SessionKeys:
         return coherence.session_keys(self._key_prefix, session_id)
 
-    def _invalidate(self, session_id: str, *, tombstone: bool) -> None:
-        """Remove every cached key of the session, leaving a tombstone if it is gone for good."""
+    def _invalidate(self, session_id: str, *, tombstone: bool, try_cache: bool = True) -> None:
+        """Remove every cached key of the session, leaving a tombstone if it is gone for good.
+
+        `try_cache=False`: Redis already failed during this call; remember the
+        session as stale instead of paying a second timeout.
+        """
         self._conversations.forget(session_id)
         if self._cache is None:
             return
         args: list[object] = [TOMBSTONE if tombstone else b"", self._tombstone_ms]
-        if self._run("INVALIDATE", self._keys(session_id).all(), args, _parse_int) is None:
+        if (
+            not try_cache
+            or self._run("INVALIDATE", self._keys(session_id).all(), args, _parse_int, write=True)
+            is None
+        ):
             self._remember_stale(session_id)
 
     def _note_decode_error(self, session_id: str, what: str, exc: Exception) -> None:
@@ -1264,15 +1296,18 @@ class SessionStore:
         """Run a docstore step that removes messages and bumps the session; refresh the cache."""
         if not self._usable_id(session_id):
             raise SessionNotFound("no such session")
+        cache_failures = self._cache_failures_here()
         conversation = self._conversation_of(session_id, lambda: None)
         parent = (self._sessions, session_id)
         removed = self._write(session_id, lambda: remove(conversation, parent))
+        # A lookup that just timed out means Redis is down: one timeout per call is enough.
+        try_cache = self._cache_failures_here() == cache_failures
         if removed is None:
-            self._invalidate(session_id, tombstone=True)
+            self._invalidate(session_id, tombstone=True, try_cache=try_cache)
             raise SessionNotFound("no such session")
         state = self._state_of(removed[0], session_id)
         self._conversations.remember(session_id, state)
-        self._refresh_after_removal(session_id, state)
+        self._refresh_after_removal(session_id, state, try_cache=try_cache)
         return removed[1]
 
     # -- writing the cache ------------------------------------------------------
@@ -1291,10 +1326,13 @@ class SessionStore:
             self._invalidate(session_id, tombstone=False)
             return
         args = (value, state.session.version, px)
-        if self._run("WRITE_SESSION", (keys.value, keys.lease), args, _parse_int) is None:
+        written = self._run("WRITE_SESSION", (keys.value, keys.lease), args, _parse_int, write=True)
+        if written is None:
             self._remember_stale(session_id)
 
-    def _refresh_after_append(self, session_id: str, state: SessionState, message: Message) -> None:
+    def _refresh_after_append(
+        self, session_id: str, state: SessionState, message: Message, *, try_cache: bool
+    ) -> None:
         """After an append: refresh the session copy, extend the tail, cancel fills in flight."""
         if self._cache is None:
             return
@@ -1305,7 +1343,7 @@ class SessionStore:
         except EncodeError:
             value = None
         if value is None or px is None:
-            self._invalidate(session_id, tombstone=False)
+            self._invalidate(session_id, tombstone=False, try_cache=try_cache)
             return
         args = (
             value,
@@ -1316,10 +1354,13 @@ class SessionStore:
             max(self._tail_size, 1),
             self._tail_bytes,
         )
-        if self._run("WRITE_MESSAGE", self._keys(session_id).all(), args, _parse_int) is None:
+        keys = self._keys(session_id).all()
+        if not try_cache or self._run("WRITE_MESSAGE", keys, args, _parse_int, write=True) is None:
             self._remember_stale(session_id)
 
-    def _refresh_after_removal(self, session_id: str, state: SessionState) -> None:
+    def _refresh_after_removal(
+        self, session_id: str, state: SessionState, *, try_cache: bool
+    ) -> None:
         """After a pop or clear: refresh the session copy, drop the tail, cancel fills in flight."""
         if self._cache is None:
             return
@@ -1329,8 +1370,9 @@ class SessionStore:
         except EncodeError:
             value = None
         if value is None or px is None:
-            self._invalidate(session_id, tombstone=False)
+            self._invalidate(session_id, tombstone=False, try_cache=try_cache)
             return
         args = (value, state.session.version, px)
-        if self._run("WRITE_REMOVAL", self._keys(session_id).all(), args, _parse_int) is None:
+        keys = self._keys(session_id).all()
+        if not try_cache or self._run("WRITE_REMOVAL", keys, args, _parse_int, write=True) is None:
             self._remember_stale(session_id)

@@ -2047,6 +2047,85 @@ class SessionStoreContract:
         assert store.get_messages(cleared.id) == []
         assert store.stats()["invalidations_pending"] == 0
 
+    def test_a_write_behind_an_open_breaker_still_reaches_a_healthy_redis(
+        self, make_store: Callable[..., SessionStore], needs_outage: Outage
+    ) -> None:
+        """One store's breaker is still open from an outage that is over; another store
+        (another process, as far as the protocol knows) reads: it must see every write
+        the first one returned, never the copy cached before it."""
+        writer = make_store(clock=FakeClock(), breaker_threshold=1, breaker_cooldown=3600)
+        reader = make_store()
+        updated = writer.create_session("u", {"n": 1})
+        touched = writer.create_session("u")
+        appended = writer.create_session("u")
+        deleted = writer.create_session("u")
+        for session in (updated, touched, appended, deleted):
+            assert reader.get_session(session.id) == session  # cached
+        assert reader.get_messages(appended.id) == []  # the tail too
+        needs_outage.down()
+        try:
+            assert writer.get_session(updated.id) == updated  # fails: the breaker opens
+        finally:
+            needs_outage.up()
+        assert writer.stats()["breaker_open"] == 1  # and stays open: its clock never moves
+        new_version = writer.update_session(updated.id, {"n": 2})
+        assert reader.get_session(updated.id) == new_version
+        assert writer.touch_session(touched.id) is True
+        current = reader.get_session(touched.id)
+        assert current is not None and current.version == touched.version + 1
+        message = writer.add_message(appended.id, "user", "hi")
+        assert reader.get_messages(appended.id) == [message]
+        assert writer.pop_message(appended.id) == message
+        assert reader.get_messages(appended.id) == []
+        assert writer.delete_session(deleted.id) is True
+        assert reader.get_session(deleted.id) is None
+        # The writes found Redis answering, so the breaker closed and reads use it again.
+        stats = writer.stats()
+        assert (stats["breaker_open"], stats["invalidations_pending"]) == (0, 0)
+
+    def test_an_outage_costs_a_call_at_most_one_failed_redis_call(
+        self, make_store: Callable[..., SessionStore], needs_outage: Outage
+    ) -> None:
+        """Reads skip Redis once the breaker is open; a write still tries it once (it
+        must, in case Redis is back), but never twice in one call."""
+        creator = make_store()
+        session = creator.create_session()
+        store = make_store(clock=FakeClock(), breaker_threshold=1, breaker_cooldown=3600)
+        needs_outage.down()
+        try:
+            # The conversation key is unknown: the lookup fails, then the append
+            # does not try Redis again.
+            store.add_message(session.id, "user", "hi")
+            assert store.stats()["cache_errors"] == 1
+            assert store.get_session(session.id) is not None
+            assert store.get_messages(session.id) != []
+            assert store.stats()["cache_errors"] == 1  # reads skipped
+            store.update_session(session.id, {"n": 1})
+            assert store.stats()["cache_errors"] == 2  # the write tried, once
+            assert store.stats()["invalidations_pending"] == 1
+        finally:
+            needs_outage.up()
+
+    def test_pending_invalidations_go_before_a_later_write(
+        self, make_store: Callable[..., SessionStore], needs_outage: Outage
+    ) -> None:
+        """A copy this store could not invalidate is removed before its next write
+        reaches Redis, even while its breaker would still skip reads."""
+        writer = make_store(clock=FakeClock(), breaker_threshold=1, breaker_cooldown=3600)
+        reader = make_store()
+        stale = writer.create_session(data={"n": 1})
+        other = writer.create_session(data={"n": 1})
+        assert reader.get_session(stale.id) == stale
+        needs_outage.down()
+        try:
+            missed = writer.update_session(stale.id, {"n": 2})  # Redis down: remembered
+        finally:
+            needs_outage.up()
+        assert writer.stats()["invalidations_pending"] == 1
+        writer.update_session(other.id, {"n": 2})  # drains the pending one first
+        assert writer.stats()["invalidations_pending"] == 0
+        assert reader.get_session(stale.id) == missed
+
     def test_circuit_breaker(
         self,
         make_store: Callable[..., SessionStore],
