@@ -76,7 +76,7 @@ STAT_NAMES = (
     "hits",  # session lookups answered by Redis (a tombstone counts: it answers "gone")
     "misses",  # session lookups that went to the docstore
     "cache_errors",  # Redis calls that failed (each one swallowed)
-    "cache_skipped",  # Redis calls skipped while the circuit breaker was open
+    "cache_skipped",  # Redis reads skipped while the circuit breaker was open
     "decode_errors",  # cached values that could not be decoded (dropped, reloaded)
     "fills",  # values installed by a reader after a miss
     "fills_refused",  # fills the protocol refused (a writer or a newer value got there first)
