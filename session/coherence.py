@@ -66,6 +66,8 @@ __all__ = [
     "TAIL_FENCE_LUA",
     "FILL_SESSION",
     "FILL_TAIL",
+    "FILL_SESSION_AND_TAIL",
+    "parse_fill_pair_reply",
     "WRITE_SESSION",
     "WRITE_MESSAGE",
     "WRITE_REMOVAL",
@@ -316,24 +318,54 @@ end
 return {SessionRead.BUSY} + dropped
 """
 
+# The two fills as functions, so that a cold get_messages installs the session
+# and its tail in one round trip (FILL_SESSION_AND_TAIL).
+FILL_LUA = (
+    VERSION_OF_LUA
+    + TAIL_FENCE_LUA
+    + """
+local function fill_session(value_key, lease_key, token, value, version, px)
+  if redis.call('GET', lease_key) ~= token then return 0 end
+  redis.call('DEL', lease_key)
+  if value == '' then return 0 end
+  local current, wrong_type = get_checked(value_key)
+  if wrong_type then return -1 end
+  if current then
+    local cached = version_of(current)
+    if cached == nil or cached >= tonumber(version) then return -1 end
+  end
+  redis.call('SET', value_key, value, 'PX', px)
+  return 1
+end
+-- The messages are ARGV[first] onwards.
+local function fill_tail(tail_key, fence_key, lease_key, token, last, px, budget, complete, first)
+  if redis.call('GET', lease_key) ~= token then return 0 end
+  redis.call('DEL', lease_key)
+  last = tonumber(last)
+  if last < 0 then return 0 end
+  local count, bytes = #ARGV - first + 1, 0
+  for i = first, #ARGV do bytes = bytes + #ARGV[i] end
+  if bytes > tonumber(budget) then return -1 end
+  local fence = fence_of(fence_key)
+  if fence and fence > last then return -1 end
+  if fence == last then
+    local length = redis.pcall('LLEN', tail_key)
+    if type(length) ~= 'table' and length >= count then return -1 end
+  end
+  redis.call('DEL', tail_key)
+  for i = first, #ARGV do redis.call('RPUSH', tail_key, ARGV[i]) end
+  if count > 0 then redis.call('PEXPIRE', tail_key, px) end
+  redis.call('SET', fence_key, fence_value(last, bytes, complete == '1'), 'PX', px)
+  return 1
+end
+"""
+)
+
 # KEYS: value, lease. ARGV: 1 lease token, 2 value ('' only releases the
 # lease), 3 its version (0: a tombstone, installed only into an absent key), 4 px.
 # Reply: FillResult.
 FILL_SESSION = (
-    VERSION_OF_LUA
-    + """
-if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
-redis.call('DEL', KEYS[2])
-if ARGV[2] == '' then return 0 end
-local current, wrong_type = get_checked(KEYS[1])
-if wrong_type then return -1 end
-if current then
-  local cached = version_of(current)
-  if cached == nil or cached >= tonumber(ARGV[3]) then return -1 end
-end
-redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[4])
-return 1
-"""
+    FILL_LUA + "return fill_session(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[4])"
 )
 
 # KEYS: tail, fence, tail_lease. ARGV: 1 lease token, 2 last seq (-1 only
@@ -342,26 +374,20 @@ return 1
 # Replaces a tail with an older fence, or with the same fence and fewer
 # messages. Reply: FillResult (-1 also when the messages exceed the budget).
 FILL_TAIL = (
-    TAIL_FENCE_LUA
+    FILL_LUA
+    + "return fill_tail(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], 6)"
+)
+
+# Both fills at once. KEYS: value, lease, tail, fence, tail_lease. ARGV: 1 lease
+# token (both leases), 2-4 FILL_SESSION's ARGV 2-4, 5-8 FILL_TAIL's ARGV 2-5,
+# 9.. the messages. Reply: {session FillResult, tail FillResult}.
+FILL_SESSION_AND_TAIL = (
+    FILL_LUA
     + """
-if redis.call('GET', KEYS[3]) ~= ARGV[1] then return 0 end
-redis.call('DEL', KEYS[3])
-local last = tonumber(ARGV[2])
-if last < 0 then return 0 end
-local count, bytes = #ARGV - 5, 0
-for i = 6, #ARGV do bytes = bytes + #ARGV[i] end
-if bytes > tonumber(ARGV[4]) then return -1 end
-local fence = fence_of(KEYS[2])
-if fence and fence > last then return -1 end
-if fence == last then
-  local length = redis.pcall('LLEN', KEYS[1])
-  if type(length) ~= 'table' and length >= count then return -1 end
-end
-redis.call('DEL', KEYS[1])
-for i = 6, #ARGV do redis.call('RPUSH', KEYS[1], ARGV[i]) end
-if count > 0 then redis.call('PEXPIRE', KEYS[1], ARGV[3]) end
-redis.call('SET', KEYS[2], fence_value(last, bytes, ARGV[5] == '1'), 'PX', ARGV[3])
-return 1
+return {
+  fill_session(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[4]),
+  fill_tail(KEYS[3], KEYS[4], KEYS[5], ARGV[1], ARGV[5], ARGV[6], ARGV[7], ARGV[8], 9),
+}
 """
 )
 
@@ -474,6 +500,7 @@ SCRIPTS = {
     "READ": READ,
     "FILL_SESSION": FILL_SESSION,
     "FILL_TAIL": FILL_TAIL,
+    "FILL_SESSION_AND_TAIL": FILL_SESSION_AND_TAIL,
     "WRITE_SESSION": WRITE_SESSION,
     "WRITE_MESSAGE": WRITE_MESSAGE,
     "WRITE_REMOVAL": WRITE_REMOVAL,
@@ -713,6 +740,13 @@ def parse_fill_reply(reply: object) -> FillResult:
         return FillResult(reply)
     except ValueError as exc:
         raise ProtocolError(f"unknown fill reply {reply!r}") from exc
+
+
+def parse_fill_pair_reply(reply: object) -> tuple[FillResult, FillResult]:
+    """Return the meaning of FILL_SESSION_AND_TAIL's reply: the session's and the tail's."""
+    if not isinstance(reply, list) or len(reply) != 2:
+        raise ProtocolError("FILL_SESSION_AND_TAIL replies with a list of two results")
+    return parse_fill_reply(reply[0]), parse_fill_reply(reply[1])
 
 
 def lease_wait_delays(total: float, first: float = 0.002) -> Iterator[float]:

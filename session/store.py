@@ -157,6 +157,8 @@ class _Lookup:
     messages: tuple[bytes, ...] = ()
     token: str = ""
     cache_failed: bool = False  # Redis failed or was skipped: do not ask it again
+    # FILL_SESSION's value, version and px, not run yet: the tail's fill runs it too.
+    session_fill: tuple[bytes, int, int] | None = None
 
 
 class _Counters:
@@ -812,7 +814,9 @@ class SessionStore:
             docs = self._docstore.query(
                 self._messages,
                 filters,
-                order_by="-seq" if newest_first else "seq",
+                # "-id" too: the (conv, seq, id) index then serves the newest N by
+                # walking backwards, reading N rows instead of sorting the conversation.
+                order_by=["-seq", "-id"] if newest_first else "seq",
                 limit=window.limit,
             )
         if newest_first:
@@ -1111,10 +1115,16 @@ class SessionStore:
                 time.sleep(delay)
             if reply.session is SessionRead.LEASED:
                 self._stats.add("misses")
-                # With a window, READ also answered for the tail (and may have
-                # leased it to us): keep that, it saves a round trip.
-                state = self._fill_session(session_id, token)
-                return _Lookup(state, False, reply.tail, reply.messages, token)
+                if reply.tail is not TailRead.LEASED:
+                    state = self._fill_session(session_id, token)
+                    return _Lookup(state, False, reply.tail, reply.messages, token)
+                # READ leased us the tail too: install the session together with
+                # the tail (FILL_SESSION_AND_TAIL), one round trip for both.
+                state, fill = self._session_fill_args(session_id)
+                if state is None:
+                    self._finish_session_fill(session_id, token, fill)
+                    return _Lookup(None)
+                return _Lookup(state, False, reply.tail, (), token, session_fill=fill)
             assert reply.session is SessionRead.HIT and reply.value is not None
             if reply.is_tombstone:
                 self._stats.add("hits")
@@ -1138,7 +1148,27 @@ class SessionStore:
 
     def _fill_session(self, session_id: str, token: str) -> SessionState | None:
         """Read the docstore under our fill lease and install what it holds, if still ours."""
+        state, fill = self._session_fill_args(session_id)
+        self._finish_session_fill(session_id, token, fill)
+        return state
+
+    def _finish_session_fill(
+        self, session_id: str, token: str, fill: tuple[bytes, int, int]
+    ) -> None:
         keys = self._keys(session_id)
+        # An empty value only releases the lease, so waiting readers stop waiting.
+        result = self._run(
+            "FILL_SESSION", (keys.value, keys.lease), (token, *fill), coherence.parse_fill_reply
+        )
+        self._count_fill(result, installing=bool(fill[0]))
+
+    def _session_fill_args(
+        self, session_id: str
+    ) -> tuple[SessionState | None, tuple[bytes, int, int]]:
+        """Read the session from the docstore (under our fill lease); return it and what to cache.
+
+        The state is None when the session is missing or expired.
+        """
         state = self._read_document(session_id)
         value, version, px = b"", 0, self._tombstone_ms
         if state is None:
@@ -1152,15 +1182,8 @@ class SessionStore:
                 except EncodeError as exc:
                     logger.warning("session %s cannot be cached: %s", short_hash(session_id), exc)
                 version, px = state.session.version, session_px
-        # An empty value only releases the lease, so waiting readers stop waiting.
-        result = self._run(
-            "FILL_SESSION",
-            (keys.value, keys.lease),
-            (token, value, version, px),
-            coherence.parse_fill_reply,
-        )
-        self._count_fill(result, installing=bool(value))
-        return None if state is None or self._expired(state) else state
+        live = None if state is None or self._expired(state) else state
+        return live, (value, version, px)
 
     def _count_fill(self, result: FillResult | None, *, installing: bool) -> None:
         if result is FillResult.INSTALLED:
@@ -1193,7 +1216,7 @@ class SessionStore:
                 return messages
         self._stats.add("message_misses")
         if lookup.tail is TailRead.LEASED:
-            return self._fill_tail(session_id, state, window, lookup.token)
+            return self._fill_tail(session_id, state, window, lookup.token, lookup.session_fill)
         return self._query_messages(session_id, state, window)
 
     def _drop_tail(self, session_id: str, state: SessionState, window: MessageWindow) -> _Lookup:
@@ -1207,7 +1230,12 @@ class SessionStore:
         return _Lookup(state, True, reply.tail, (), token)
 
     def _fill_tail(
-        self, session_id: str, state: SessionState, window: MessageWindow, token: str
+        self,
+        session_id: str,
+        state: SessionState,
+        window: MessageWindow,
+        token: str,
+        session_fill: tuple[bytes, int, int] | None = None,
     ) -> list[Message]:
         """Answer the request from the docstore; under our tail lease, install what fits of it.
 
@@ -1244,9 +1272,23 @@ class SessionStore:
                 entries = [entry for _, entry in reversed(tail)]
                 args = [token, last_seq, px, self._tail_bytes, complete, *entries]
         keys = self._keys(session_id)
-        result = self._run(
-            "FILL_TAIL", (keys.tail, keys.fence, keys.tail_lease), args, coherence.parse_fill_reply
-        )
+        result: FillResult | None
+        if session_fill is None:
+            result = self._run(
+                "FILL_TAIL",
+                (keys.tail, keys.fence, keys.tail_lease),
+                args,
+                coherence.parse_fill_reply,
+            )
+        else:
+            both = self._run(
+                "FILL_SESSION_AND_TAIL",
+                keys.all(),
+                [token, *session_fill, *args[1:]],
+                coherence.parse_fill_pair_reply,
+            )
+            self._count_fill(None if both is None else both[0], installing=bool(session_fill[0]))
+            result = None if both is None else both[1]
         self._count_fill(result, installing=args[1] != -1)
         return messages
 

@@ -1901,6 +1901,29 @@ class SessionStoreContract:
         assert store.get_messages(created.id, limit=6) == everything[-6:]
         assert store.stats()["message_hits"] == before + 1
 
+    def test_cold_read_caches_the_session_and_the_tail(
+        self,
+        make_store: Callable[..., SessionStore],
+        session_docstore: docstore.DocumentStore,
+        needs_cache: redis.Redis,
+        key_prefix: str,
+    ) -> None:
+        proxy = DocstoreProxy(session_docstore)
+        store = make_store(docstore=proxy)
+        created = store.create_session(data={"a": 1})
+        everything = [store.add_message(created.id, "user", f"m{i}") for i in range(4)]
+        needs_cache.delete(*session_keys(key_prefix, created.id).all())
+        proxy.reset()
+        before = store.stats()
+        assert store.get_messages(created.id, limit=2) == everything[-2:]
+        assert dict(proxy.calls) == {"read": 1, "query": 1}
+        assert store.stats()["fills"] - before["fills"] == 2  # the session and its tail
+        proxy.reset()
+        session = store.get_session(created.id)
+        assert session is not None and session.version == 5
+        assert store.get_messages(created.id, limit=2) == everything[-2:]
+        assert proxy.total_calls() == 0
+
     def test_no_stale_messages_across_the_budget_edge(
         self,
         make_store: Callable[..., SessionStore],

@@ -16,6 +16,7 @@ from session import Message, Session
 from session.breaker import CircuitBreaker
 from session.coherence import (
     FILL_SESSION,
+    FILL_SESSION_AND_TAIL,
     FILL_TAIL,
     READ,
     READ_DROPPED,
@@ -31,6 +32,7 @@ from session.coherence import (
     cache_px,
     is_contiguous,
     lease_wait_delays,
+    parse_fill_pair_reply,
     parse_fill_reply,
     parse_read_reply,
     parse_read_session_reply,
@@ -530,3 +532,31 @@ def test_read_leases_an_incomplete_tail_only_for_windows_reaching_the_end(
     reply = parse_read_reply(read(keys=keys.all(), args=read_args("t", 10_000, MessageWindow())))
     assert (reply.session, reply.tail) == (SessionRead.LEASED, TailRead.LEASED)
     assert lua.get(keys.lease) == lua.get(keys.tail_lease) == b"t"
+
+
+def test_fill_session_and_tail_installs_both_under_their_leases(lua: fakeredis.FakeRedis) -> None:
+    keys = session_keys("unit:", "budget-both")
+    fill = lua.register_script(FILL_SESSION_AND_TAIL)
+    value = encode_session(make_state(version=4))
+    entries = [sized_entry(seq, 100) for seq in (6, 7)]
+    args = ["t", value, 4, 10_000, 7, 10_000, 1000, 0, *entries]
+    lua.set(keys.lease, b"t")
+    lua.set(keys.tail_lease, b"t")
+    assert parse_fill_pair_reply(fill(keys=keys.all(), args=args)) == (
+        FillResult.INSTALLED,
+        FillResult.INSTALLED,
+    )
+    assert lua.get(keys.value) == value
+    assert tail_state(lua, keys) == (entries, b"7:%d:0" % sum(map(len, entries)))
+    assert lua.exists(keys.lease, keys.tail_lease) == 0
+    # Each half needs its own lease: a writer that took the tail's cancels only that.
+    lua.delete(keys.value, keys.tail, keys.fence)
+    lua.set(keys.lease, b"t")
+    assert parse_fill_pair_reply(fill(keys=keys.all(), args=args)) == (
+        FillResult.INSTALLED,
+        FillResult.LEASE_LOST,
+    )
+    assert tail_state(lua, keys) == ([], None)
+    for bad in ([1], [1, 2, 3], b"1", [1, 5]):
+        with pytest.raises(ProtocolError):
+            parse_fill_pair_reply(bad)
