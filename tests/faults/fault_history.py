@@ -6,6 +6,8 @@ injects faults. Every call is an `Op`: what was called, on which session, when
 it started and ended (`time.monotonic()`, one clock for every process on
 Linux), and its result or the qualified name of the exception it raised.
 `check` then looks for lost writes, stale reads, untyped errors and slow calls.
+A stale read is excused only by a Redis fault (see `_excused`), never by the
+state of a circuit breaker: the breaker is part of the code under test.
 """
 
 from __future__ import annotations
@@ -14,17 +16,32 @@ import dataclasses
 import random
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import Any, Protocol
 
 from session import SessionStore
 
-__all__ = ["Op", "Recorder", "run_worker", "check", "FaultWindow", "ALLOWED_ERRORS"]
+__all__ = [
+    "Op",
+    "Recorder",
+    "run_worker",
+    "check",
+    "FaultWindow",
+    "Truth",
+    "ALLOWED_ERRORS",
+    "RECOVERY_MARGIN",
+]
 
 # The typed errors of API.md that a call may raise under faults.
 ALLOWED_ERRORS = {"session.errors.StoreUnavailable"}
+# How long after a Redis fault ends a read may still see an older copy: once
+# Redis has been healthy this long, no reader anywhere may miss a returned write.
+RECOVERY_MARGIN = 0.5
+# get_messages(limit=...) as run_worker calls it.
+MESSAGES_LIMIT = 20
 
 
 @dataclass
@@ -49,7 +66,7 @@ class Op:
 
 @dataclass(frozen=True)
 class FaultWindow:
-    """A fault from `start` to `end`; `redis` faults void the no-stale-read rule for a while."""
+    """A fault from `start` to `end`; `redis` faults may excuse stale reads (`_excused`)."""
 
     kind: str
     start: float
@@ -129,7 +146,9 @@ def run_worker(
                     op.version = session.version
         elif roll < 0.88:
             op = Op(worker, "messages", session_id, time.monotonic())
-            messages = recorder.call(op, partial(store.get_messages, session_id, limit=20))
+            messages = recorder.call(
+                op, partial(store.get_messages, session_id, limit=MESSAGES_LIMIT)
+            )
             if messages is not None:
                 op.seqs = [message.seq for message in messages]
         elif roll < 0.94:
@@ -171,10 +190,42 @@ def op_from_dict(data: dict[str, Any]) -> Op:
     return Op(**data)
 
 
-def _voided(windows: Sequence[FaultWindow], start: float, end: float, cache_ttl: float) -> bool:
-    """True if a Redis fault (or its cache_ttl aftermath) overlaps [start, end]."""
+class Truth(Protocol):
+    """What PostgreSQL holds after the run (a SessionStore without a cache)."""
+
+    def get_session(self, session_id: str) -> Any: ...
+
+    def get_messages(self, session_id: str) -> Sequence[Any]: ...
+
+
+@dataclass(frozen=True)
+class _Write:
+    """An acknowledged write a later read must reflect: `version`/`seq` None for a delete."""
+
+    op: Op
+    version: int | None = None
+    seq: int | None = None
+
+
+def _in_recovery(windows: Sequence[FaultWindow], read: Op) -> bool:
+    """True if the read overlaps a Redis fault or the margin right after it."""
     return any(
-        window.redis and window.start <= end and start <= window.end + cache_ttl + 0.5
+        window.redis and read.start <= window.end + RECOVERY_MARGIN and window.start <= read.end
+        for window in windows
+    )
+
+
+def _excused(windows: Sequence[FaultWindow], write: Op, read: Op, cache_ttl: float) -> bool:
+    """True if a read may miss `write`: only because of a Redis fault, never of breaker state.
+
+    Either the read overlaps a Redis fault or its recovery margin, or the write
+    overlapped a Redis fault (its cache update may have failed, leaving a copy
+    that lives at most `cache_ttl`) and the read started within `cache_ttl` of it.
+    """
+    if _in_recovery(windows, read):
+        return True
+    return read.start <= write.end + cache_ttl and any(
+        window.redis and window.start <= write.end and write.start <= window.end
         for window in windows
     )
 
@@ -182,13 +233,19 @@ def _voided(windows: Sequence[FaultWindow], start: float, end: float, cache_ttl:
 def check(
     ops: Sequence[Op],
     *,
-    truth: SessionStore,
+    truth: Truth,
     session_ids: Sequence[str],
     windows: Sequence[FaultWindow],
     cache_ttl: float,
     latency_bound: float,
+    coverage: Counter[str] | None = None,
 ) -> list[str]:
-    """Return every violation found in the history (empty: the history is correct)."""
+    """Return every violation found in the history (empty: the history is correct).
+
+    `coverage`, if given, counts the reads checked: `reads`, those that followed
+    an acknowledged write (`reads after a write`), and those a Redis fault's
+    recovery window would excuse (`reads in a recovery window`).
+    """
     violations: list[str] = []
     # Only the typed errors of API.md escape.
     for op in ops:
@@ -200,7 +257,14 @@ def check(
             violations.append(
                 f"{op.worker} {op.kind}: took {op.end - op.start:.2f} s (bound {latency_bound} s)"
             )
-    # No acknowledged update lost: the docstore holds each worker's last counter (or a later one).
+    violations += _check_durability(ops, truth, session_ids)
+    violations += _check_reads(ops, windows, cache_ttl, Counter() if coverage is None else coverage)
+    return violations
+
+
+def _check_durability(ops: Sequence[Op], truth: Truth, session_ids: Sequence[str]) -> list[str]:
+    """PostgreSQL holds every acknowledged update and message, once, in order."""
+    violations: list[str] = []
     for session_id in session_ids:
         stored = truth.get_session(session_id)
         if stored is None:
@@ -234,37 +298,91 @@ def check(
                         f"acked message {op.message_id} seq {op.seq} is stored as "
                         f"{by_id.get(op.message_id)}"
                     )
-    # Messages read back come in order without gaps.
-    for op in ops:
-        if (
-            op.kind == "messages"
-            and op.ok
-            and op.seqs != list(range(op.seqs[0], op.seqs[0] + len(op.seqs)) if op.seqs else [])
-        ):
-            violations.append(f"{op.worker} read messages out of order or with gaps: {op.seqs}")
-    # No stale read: a read that started after a write returned sees that write or a later one.
-    writes = [op for op in ops if op.kind == "update" and op.ok and op.version is not None]
-    for read in ops:
-        if read.kind != "get" or not read.ok or read.version is None:
-            continue
-        for write in writes:
-            if (
-                write.session == read.session
-                and write.end < read.start
-                and read.version < (write.version or 0)
-                and not _voided(windows, write.start, read.end, cache_ttl)
-            ):
-                violations.append(
-                    f"stale read by {read.worker}: v{read.version} after {write.worker}'s "
-                    f"v{write.version} returned {read.start - write.end:.3f} s earlier"
-                )
-                break
-    # A deleted session never comes back.
-    deleted = {op.session: op.end for op in ops if op.kind == "delete" and op.ok and op.gone}
-    for read in ops:
-        if read.kind == "get" and read.ok and not read.gone and read.session in deleted:
-            if read.start > deleted[read.session] and not _voided(
-                windows, deleted[read.session], read.end, cache_ttl
-            ):
-                violations.append(f"deleted session {read.session[:6]} read back by {read.worker}")
     return violations
+
+
+def _check_reads(
+    ops: Sequence[Op], windows: Sequence[FaultWindow], cache_ttl: float, coverage: Counter[str]
+) -> list[str]:
+    """Every read reflects every write acknowledged before it started, unless excused."""
+    violations: list[str] = []
+    writes: dict[str, list[_Write]] = {}
+    created: dict[str, float] = {}
+    deleted: dict[str, Op] = {}
+    for op in ops:
+        if not op.ok:
+            continue
+        if op.kind == "update" and op.version is not None:
+            writes.setdefault(op.session, []).append(_Write(op, version=op.version))
+        elif op.kind == "append" and op.seq is not None:
+            writes.setdefault(op.session, []).append(_Write(op, seq=op.seq))
+        elif op.kind == "create" and op.session:
+            created[op.session] = op.end
+        elif op.kind == "delete" and op.gone:
+            deleted[op.session] = op
+            writes.setdefault(op.session, []).append(_Write(op))
+    for read in ops:
+        if not read.ok or read.kind not in ("get", "messages"):
+            continue
+        before = [w for w in writes.get(read.session, ()) if w.op.end < read.start]
+        coverage["reads"] += 1
+        coverage["reads after a write"] += bool(before)
+        coverage["reads in a recovery window"] += _in_recovery(windows, read)
+        if read.kind == "get":
+            violations += _check_get(read, before, created, deleted, windows, cache_ttl)
+        else:
+            violations += _check_messages(read, before, windows, cache_ttl)
+    return violations
+
+
+def _check_get(
+    read: Op,
+    before: list[_Write],
+    created: dict[str, float],
+    deleted: dict[str, Op],
+    windows: Sequence[FaultWindow],
+    cache_ttl: float,
+) -> list[str]:
+    delete = deleted.get(read.session)
+    if read.gone:
+        # None for a live session is never excused: ids are never reused, and
+        # no fault may turn a session into "missing".
+        live = delete is None or delete.start > read.end
+        known = read.session not in created or created[read.session] < read.start
+        if live and known:
+            return [f"{read.worker} got None for live session {read.session[:6]}"]
+        return []
+    for write in before:
+        if write.op.kind == "delete":
+            if not _excused(windows, write.op, read, cache_ttl):
+                return [f"deleted session {read.session[:6]} read back by {read.worker}"]
+        elif (
+            write.version is not None
+            and (read.version or 0) < write.version
+            and not _excused(windows, write.op, read, cache_ttl)
+        ):
+            return [
+                f"stale read by {read.worker}: v{read.version} of {read.session[:6]} after "
+                f"{write.op.worker}'s v{write.version} returned "
+                f"{read.start - write.op.end:.3f} s earlier"
+            ]
+    return []
+
+
+def _check_messages(
+    read: Op, before: list[_Write], windows: Sequence[FaultWindow], cache_ttl: float
+) -> list[str]:
+    """The newest messages, without gaps, including every one acknowledged before the read."""
+    seqs = read.seqs
+    top = seqs[-1] if seqs else 0
+    if seqs != list(range(max(1, top - MESSAGES_LIMIT + 1), top + 1)):
+        return [f"{read.worker} read messages out of order, with gaps or cut short: {seqs}"]
+    for write in before:
+        if write.seq is not None and write.seq > top:
+            if not _excused(windows, write.op, read, cache_ttl):
+                return [
+                    f"{read.worker} read messages of {read.session[:6]} up to {top}, missing "
+                    f"{write.op.worker}'s seq {write.seq} acknowledged "
+                    f"{read.start - write.op.end:.3f} s earlier"
+                ]
+    return []

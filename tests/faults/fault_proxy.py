@@ -7,7 +7,9 @@
   sockets of that connection closed: the request reached the server (a COMMIT
   was carried out) but the client never learns the outcome;
 - `lose_next_request()`: the next bytes a client sends are dropped and the
-  connection closed: the server never saw the request.
+  connection closed: the server never saw the request;
+- `retarget(address)`: close every connection and forward new ones to another
+  server, on the same port: a failover behind one address (DNS, a proxy).
 """
 
 from __future__ import annotations
@@ -38,6 +40,10 @@ class FaultProxy(TcpProxy):
     def heal(self) -> None:
         self._stalled = False
         self._flowing.set()
+
+    def retarget(self, target: tuple[str, int]) -> None:
+        self._target = target
+        self._close_connections()
 
     def lose_next_reply(self) -> None:
         self._lose_reply = True

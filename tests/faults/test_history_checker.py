@@ -1,10 +1,11 @@
-"""The history checker: two processes, several threads, faults on a schedule, then the checks.
+"""The history checker: two or three processes, several threads, faults on a schedule, checks.
 
-The parent process runs four workers on one SessionStore, a child process
+The parent process runs workers on one SessionStore, each child process
 (`fault_worker.py`) three more on its own store, all through the proxies to a
 private redis-server and the embedded PostgreSQL, while the main thread injects
 every kind of fault in turn. Each call is recorded; `fault_history.check` then
-reports lost writes, stale reads, untyped errors and slow calls.
+reports lost writes, stale reads, untyped errors and slow calls
+(its rules are pinned by `test_fault_history_rules.py`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -34,7 +36,6 @@ CACHE_TTL = 3.0
 # call in about 1.5 s. connect_timeout 1 bounds connecting during a partition.
 DOCSTORE_SETTINGS = {"connect_timeout": 1}
 LATENCY_BOUND = 2.0
-PARENT_THREADS = 4
 CHILD_THREADS = 3
 SESSIONS = 6
 
@@ -59,7 +60,12 @@ def fault_schedule(
     ]
 
 
+@pytest.mark.parametrize(
+    ("processes", "parent_threads"), [(2, 4), (3, 3)], ids=["2-processes", "3-processes"]
+)
 def test_history_has_no_violations_under_faults(
+    processes: int,
+    parent_threads: int,
     embedded_dsn: str,
     pg_proxy: FaultProxy,
     redis_proxy: FaultProxy,
@@ -83,36 +89,40 @@ def test_history_has_no_violations_under_faults(
         warmup = 1.5  # the child imports and connects meanwhile
         duration = warmup + sum(length + 1.0 for *_, length in schedule) + 1.0
         stop_at = time.monotonic() + duration
-        config = {
-            "name": "child",
-            "dsn": dsn,
-            "table": pg_table,
-            "redis_url": redis_url,
-            "docstore": DOCSTORE_SETTINGS,
-            "session": session_settings,
-            "sessions": session_ids,
-            "user_id": "checker",
-            "stop_at": stop_at,
-            "threads": CHILD_THREADS,
-            "seed": 1000,
-        }
-        config_path, out_path = tmp_path / "worker.json", tmp_path / "child-ops.json"
-        config_path.write_text(json.dumps(config))
-        child = subprocess.Popen(
-            [
-                sys.executable,
-                str(Path(__file__).with_name("fault_worker.py")),
-                str(config_path),
-                str(out_path),
-            ]
-        )
+        children = []
+        for number in range(1, processes):
+            config = {
+                "name": f"child{number}",
+                "dsn": dsn,
+                "table": pg_table,
+                "redis_url": redis_url,
+                "docstore": DOCSTORE_SETTINGS,
+                "session": session_settings,
+                "sessions": session_ids,
+                "user_id": "checker",
+                "stop_at": stop_at,
+                "threads": CHILD_THREADS,
+                "seed": 1000 * number,
+            }
+            config_path = tmp_path / f"worker{number}.json"
+            out_path = tmp_path / f"child{number}-ops.json"
+            config_path.write_text(json.dumps(config))
+            child = subprocess.Popen(
+                [
+                    sys.executable,
+                    str(Path(__file__).with_name("fault_worker.py")),
+                    str(config_path),
+                    str(out_path),
+                ]
+            )
+            children.append((child, out_path))
         recorder = Recorder()
         threads = [
             threading.Thread(
                 target=run_worker,
                 args=(store, f"parent-t{n}", session_ids, "checker", stop_at, recorder, n),
             )
-            for n in range(PARENT_THREADS)
+            for n in range(parent_threads)
         ]
         for thread in threads:
             thread.start()
@@ -128,21 +138,27 @@ def test_history_has_no_violations_under_faults(
             time.sleep(1.0)  # the schedule: a healthy spell between faults
         for thread in threads:
             thread.join(timeout=30)
-        assert child.wait(timeout=60) == 0
-        ops: list[Op] = recorder.ops + [
-            op_from_dict(item) for item in json.loads(out_path.read_text())
-        ]
+        ops: list[Op] = list(recorder.ops)
+        for child, out_path in children:
+            assert child.wait(timeout=60) == 0
+            ops += [op_from_dict(item) for item in json.loads(out_path.read_text())]
+        coverage: Counter[str] = Counter()
         violations = check(
             ops,
+            coverage=coverage,
             truth=truth,
             session_ids=session_ids,
             windows=windows,
             cache_ttl=CACHE_TTL,
             latency_bound=LATENCY_BOUND,
         )
-        record(fault_summary, ops, windows)
+        record(fault_summary, ops, windows, processes)
+        fault_summary.add_note(
+            f"checker ({processes} processes): "
+            + ", ".join(f"{name} {count}" for name, count in sorted(coverage.items()))
+        )
         fault_summary.add_violations(violations)
-        assert len({op.worker.split("-")[0] for op in ops}) == 2, "both processes ran"
+        assert len({op.worker.split("-")[0] for op in ops}) == processes, "every process ran"
         assert violations == []
     finally:
         store.close()
@@ -151,11 +167,13 @@ def test_history_has_no_violations_under_faults(
         truth_docstore.close()
 
 
-def record(summary: FaultSummary, ops: list[Op], windows: list[FaultWindow]) -> None:
+def record(
+    summary: FaultSummary, ops: list[Op], windows: list[FaultWindow], processes: int
+) -> None:
     """Add the calls to the summary, their latency filed under the fault active meanwhile."""
     summary.add_operations(len(ops))
     for op in ops:
         kind = next(
             (w.kind for w in windows if w.start <= op.end and op.start <= w.end), "no fault"
         )
-        summary.add_latencies(f"checker, {kind}", [op.end - op.start])
+        summary.add_latencies(f"checker ({processes} processes), {kind}", [op.end - op.start])
