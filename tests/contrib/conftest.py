@@ -14,56 +14,18 @@ would see it (on the real Redis only this test's prefix is deleted).
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import fakeredis
 import pytest
 import redis
+from adapter_backends import Backend, delete_keys
 from postgres_tables import postgres_store_factory
 
-from docstore import DocumentStore, MemoryDocumentStore
-from session import SessionStore
+from docstore import MemoryDocumentStore
 from session.config import redis_client_from_url
 
 REAL_SERVERS = (pytest.mark.postgres, pytest.mark.redis)
-
-
-def delete_keys(client: redis.Redis, prefix: str) -> None:
-    keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
-    if keys:
-        client.delete(*keys)
-
-
-class Backend:
-    """A docstore and a way to get a cache as a freshly restarted process would see it."""
-
-    def __init__(
-        self, documents: DocumentStore, fresh_cache: Callable[[], redis.Redis], prefix: str
-    ) -> None:
-        self.documents = documents
-        self.fresh_cache = fresh_cache
-        self.prefix = prefix
-        self._cache: redis.Redis | None = None
-        self._stores: list[SessionStore] = []
-
-    def store(self) -> SessionStore:
-        """Return a store on this backend, sharing the current cache."""
-        if self._cache is None:
-            self._cache = self.fresh_cache()
-        store = SessionStore(self.documents, self._cache, key_prefix=self.prefix)
-        self._stores.append(store)
-        return store
-
-    def restart(self) -> SessionStore:
-        """Close every store so far; return a new one on an empty cache."""
-        self.close()
-        self._cache = self.fresh_cache()
-        return self.store()
-
-    def close(self) -> None:
-        for store in self._stores:
-            store.close()
-        self._stores.clear()
 
 
 @pytest.fixture(

@@ -18,7 +18,7 @@ from typing import Any
 
 import django
 import pytest
-from conftest import Backend
+from adapter_backends import Backend
 from django.conf import settings
 
 if not settings.configured:

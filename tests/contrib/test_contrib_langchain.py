@@ -13,7 +13,7 @@ import json
 from typing import Any
 
 import pytest
-from conftest import Backend
+from adapter_backends import Backend
 from langchain_core.chat_history import BaseChatMessageHistory
 from langchain_core.language_models.fake_chat_models import FakeMessagesListChatModel
 from langchain_core.messages import (

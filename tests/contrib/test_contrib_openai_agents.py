@@ -15,12 +15,12 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from adapter_backends import Backend
 from agents import Agent, RunConfig, Runner, function_tool
 from agents.items import ModelResponse, TResponseInputItem, TResponseOutputItem
 from agents.memory import Session, SessionSettings
 from agents.models.interface import Model
 from agents.usage import Usage
-from conftest import Backend
 from openai.types.responses import (
     ResponseFunctionToolCall,
     ResponseOutputMessage,
