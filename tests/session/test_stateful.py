@@ -100,12 +100,22 @@ class SessionMachine(RuleBasedStateMachine):
         self.store: SessionStore | None = None
         self.plain: SessionStore | None = None
 
-    @initialize(target=ids, tail_size=st.sampled_from([0, 1, 3, 100]))
-    def build(self, tail_size: int) -> str:
+    @initialize(
+        target=ids,
+        tail_size=st.sampled_from([0, 1, 3, 100]),
+        # Budgets that hold a message or two, or none of the longer ones.
+        tail_bytes=st.sampled_from([0, 120, 400, 256 * 1024]),
+    )
+    def build(self, tail_size: int, tail_bytes: int) -> str:
         # A short cool-down, so that runs probe a half-open breaker often. One
         # thread: a lease held by another reader can only be a failed fill's leftover.
         self.store = SessionStore(
-            self.docstore, self.cache, tail_size=tail_size, breaker_cooldown=0.001, lease_wait=0
+            self.docstore,
+            self.cache,
+            tail_size=tail_size,
+            tail_bytes=tail_bytes,
+            breaker_cooldown=0.001,
+            lease_wait=0,
         )
         self.plain = SessionStore(self.docstore, None, ensure_indexes=False)
         return self.new_session("alice", {"a": 1})
