@@ -292,10 +292,8 @@ class SessionStore:
         # Script name -> (source, SHA1). The store runs EVALSHA itself: Redis not
         # knowing a script means it restarted (or failed over) and may hold copies
         # that missed invalidations, so the namespace is fenced before reloading.
-        self._scripts: dict[str, tuple[str, str]] = {}
-        for name, source in coherence.SCRIPTS.items():
-            tagged = coherence.namespaced_source(source, key_prefix)
-            self._scripts[name] = (tagged, hashlib.sha1(tagged.encode("utf-8")).hexdigest())
+        # The sources also name the server they were loaded on (`_server_scripts`).
+        self._scripts = self._server_scripts("")
         self._fence_lock = threading.Lock()
         if cache is not None:
             # Fence now if Redis lacks the scripts, so that what callers put in
@@ -886,13 +884,41 @@ class SessionStore:
     def _evalsha(self, script: str, keys: Sequence[str], args: Sequence[object]) -> object:
         """Run a script by SHA; if Redis lost its scripts, fence the namespace first."""
         assert self._cache is not None
-        sha = self._scripts[script][1]
         argv: list[Any] = [*keys, *args]
         try:
-            return self._cache.evalsha(sha, len(keys), *argv)
+            return self._cache.evalsha(self._scripts[script][1], len(keys), *argv)
         except redis.exceptions.NoScriptError:
             self._fence_and_load()
-        return self._cache.evalsha(sha, len(keys), *argv)
+        # The fence may have moved to the scripts of another server identity.
+        return self._cache.evalsha(self._scripts[script][1], len(keys), *argv)
+
+    def _server_scripts(self, identity: str) -> dict[str, tuple[str, str]]:
+        """Return each script's (source, SHA) as loaded on the server named `identity`.
+
+        A failed-over server may still hold scripts from an earlier life: a master
+        demoted to a replica keeps its script cache through the resync, so when it
+        is promoted again, lagging, it would know the scripts and never be fenced.
+        Naming the server's identity in the source gives every server life its
+        own SHAs, so such a server answers NOSCRIPT like a new one.
+        """
+        scripts = {}
+        for name, source in coherence.SCRIPTS.items():
+            tagged = coherence.namespaced_source(source, self._key_prefix)
+            if identity:
+                tagged = f"-- server {identity}\n{tagged}"
+            scripts[name] = (tagged, hashlib.sha1(tagged.encode("utf-8")).hexdigest())
+        return scripts
+
+    def _server_identity(self) -> str:
+        """Return the Redis server's identity: its process (run_id) and its history as
+        a master (master_replid, new on every promotion); "" if INFO is unavailable."""
+        assert self._cache is not None
+        try:
+            server = self._cache.info("server")
+            replication = self._cache.info("replication")
+        except redis.ResponseError:
+            return ""  # INFO renamed or missing (fakeredis): fence on NOSCRIPT alone
+        return f"{server.get('run_id', '')}:{replication.get('master_replid', '')}"
 
     def _fence_and_load(self) -> None:
         """Drop every key of this namespace, then load the scripts.
@@ -908,12 +934,15 @@ class SessionStore:
         if not self._fence_lock.acquire(blocking=False):
             raise redis.exceptions.NoScriptError("another thread is fencing the cache")
         try:
-            shas = [sha for _, sha in self._scripts.values()]
+            scripts = self._server_scripts(self._server_identity())
+            shas = [sha for _, sha in scripts.values()]
             if all(self._cache.script_exists(*shas)):
-                return  # another client fenced and loaded them meanwhile
+                self._scripts = scripts
+                return  # another client fenced this server and loaded them meanwhile
             dropped = self._fence_namespace()
-            for source, _ in self._scripts.values():
+            for source, _ in scripts.values():
                 self._cache.script_load(source)
+            self._scripts = scripts
             self._stats.add("cache_fences")
             # A new Redis (or a new library version) has no scripts and no keys: that
             # is routine. Copies dropped means Redis lost its scripts but kept data.
