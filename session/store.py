@@ -923,8 +923,9 @@ class SessionStore:
     def _fence_and_load(self) -> None:
         """Drop every key of this namespace, then load the scripts.
 
-        Redis keeps scripts in memory only (never in RDB or AOF), so a missing
-        script means a new server process (restart, failover) or SCRIPT FLUSH.
+        Redis 7 keeps scripts in memory only (never in RDB or AOF, never
+        replicated), and our scripts name the server's identity, so a missing
+        script means a new server process, a promotion, or SCRIPT FLUSH.
         A restarted server may have reloaded copies that missed invalidations
         while it was down. Every client finds the scripts missing until the
         first one has fenced and loaded them, so no stale copy is read after
