@@ -32,6 +32,7 @@ from .errors import (
     StoreUnavailable,
     VersionConflict,
 )
+from .migrations import LATEST_VERSION, migrate
 from .pool import ConnectionPool, connect_timeout_seconds
 from .query import (
     PercentSafeIdentifier,
@@ -69,7 +70,7 @@ __all__ = ["PostgresDocumentStore", "SCHEMA_VERSION"]
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = LATEST_VERSION
 _COLUMNS = sql.SQL("id, collection, data, created_at, updated_at, version, expires_at")
 _LIVE = sql.SQL("(expires_at IS NULL OR expires_at > now())")
 _STATEMENT_SAVEPOINT = "docstore_statement"
@@ -280,57 +281,17 @@ class PostgresDocumentStore(DocumentStore):
         return PercentSafeIdentifier(f"{self._table_name}_{suffix}")
 
     def _create_schema(self) -> None:
-        statements = [
-            sql.SQL("SELECT pg_advisory_xact_lock(hashtext({}))").format(
-                PercentSafeLiteral(f"docstore schema {self._table_name}")
-            ),
-            sql.SQL(
-                "CREATE TABLE IF NOT EXISTS {t} ("
-                " collection text NOT NULL,"
-                " id text NOT NULL,"
-                " data jsonb NOT NULL,"
-                " created_at timestamptz NOT NULL DEFAULT now(),"
-                " updated_at timestamptz NOT NULL DEFAULT now(),"
-                " version bigint NOT NULL DEFAULT 1,"
-                " expires_at timestamptz,"
-                " child_seq bigint NOT NULL DEFAULT 0,"
-                " PRIMARY KEY (collection, id))"
-            ).format(t=self._table),
-            sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} USING gin (data jsonb_path_ops)").format(
-                self._name("data_gin"), self._table
-            ),
-            sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} (collection, created_at, id)").format(
-                self._name("created"), self._table
-            ),
-            sql.SQL(
-                "CREATE INDEX IF NOT EXISTS {} ON {} (expires_at) WHERE expires_at IS NOT NULL"
-            ).format(self._name("expiry"), self._table),
-            sql.SQL(
-                "CREATE TABLE IF NOT EXISTS {} (key text PRIMARY KEY, value text NOT NULL)"
-            ).format(self._name("meta")),
-            sql.SQL(
-                "INSERT INTO {} (key, value) VALUES ('schema_version', {}) ON CONFLICT DO NOTHING"
-            ).format(self._name("meta"), PercentSafeLiteral(str(SCHEMA_VERSION))),
-        ]
-        with self._connection() as conn, conn.cursor() as cur:
-            cur.execute("BEGIN")
-            # Always with a parameter sequence: names are rendered with `%` doubled.
-            for statement in statements:
-                cur.execute(statement, ())
-            cur.execute(
-                sql.SQL("SELECT value FROM {} WHERE key = 'schema_version'").format(
-                    self._name("meta")
-                ),
-                (),
-            )
-            row = cur.fetchone()
-            cur.execute("COMMIT")
-            stored = int(row[0]) if row else SCHEMA_VERSION
-            if stored > SCHEMA_VERSION:
-                raise DocstoreError(
-                    f"table {self._table_name!r} has schema version {stored}, newer than "
-                    f"this library's {SCHEMA_VERSION}; upgrade the library"
+        """Create the table or bring its schema up to date (see migrations.py)."""
+        with self._connection() as conn:
+            report = migrate(conn, self._table_name)
+            if report.applied:
+                logger.info(
+                    "table %s migrated from schema version %d to %d",
+                    self._table_name,
+                    report.version_before,
+                    report.version_after,
                 )
+        with self._connection() as conn, conn.cursor() as cur:
             cur.execute("""SELECT '"B"'::jsonb < '"a"'::jsonb AND '"z"'::jsonb < '"é"'::jsonb""")
             code_point_order = cur.fetchone()
             if not (code_point_order and code_point_order[0]):
