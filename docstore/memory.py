@@ -36,11 +36,13 @@ from .query import (
 from .store import (
     DEFAULT_MAX_DOCUMENT_BYTES,
     DocumentStore,
+    Dumped,
     Filters,
     OrderBy,
     Ttl,
     check_name,
     check_parent,
+    check_restorable,
     check_ttl,
     decode_json,
     encode_data,
@@ -832,6 +834,58 @@ class MemoryDocumentStore(DocumentStore):
             purged += len(batch)
             if len(batch) < batch_size:
                 return purged
+
+    def dump(
+        self,
+        collection: str,
+        filters: Filters | None = None,
+        *,
+        after: Document | None = None,
+        limit: int = 1000,
+        include_expired: bool = False,
+    ) -> list[Dumped]:
+        """Return a page of documents with their append counters, by (created_at, id)."""
+        check_name("collection", collection)
+        matches = _compile_filters(filters)
+        check_paging(limit, 0)
+        keys = parse_order_by("created_at")
+        beyond = _keyset_filter(keys, after)
+        with self._lock:
+            now = _now()
+            rows = [
+                row
+                for row in self._collections.get(collection, {}).items()
+                if (include_expired or row[1].is_live(now)) and matches(row[1].data) and beyond(row)
+            ]
+            rows.sort(key=lambda row: (row[1].created_at, row[0]))
+            return [
+                Dumped(self._document(collection, doc_id, record), record.last_seq)
+                for doc_id, record in rows[:limit]
+            ]
+
+    def restore(self, document: Document, *, counter: int = 0) -> Document | None:
+        """Write `document` exactly as given unless a live one holds its id (then return it)."""
+        check_restorable(document, counter)
+        data = self._encode(document.data)
+        collection, doc_id = document.collection, document.id
+        with self._write():
+            now = _now()
+            existing = self._live(collection, doc_id, now)
+            if existing is not None:
+                return self._document(collection, doc_id, existing)
+            self._check_unique(collection, doc_id, data, now)
+            record = _Record(
+                data,
+                document.created_at.astimezone(timezone.utc),
+                document.updated_at.astimezone(timezone.utc),
+                document.version,
+                None
+                if document.expires_at is None
+                else document.expires_at.astimezone(timezone.utc),
+                counter,
+            )
+            self._put(collection, doc_id, record)
+            return None
 
     def close(self) -> None:
         """Do nothing: the store holds no connections and keeps working after this."""

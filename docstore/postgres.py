@@ -54,11 +54,13 @@ from .query import (
 from .store import (
     DEFAULT_MAX_DOCUMENT_BYTES,
     DocumentStore,
+    Dumped,
     Filters,
     OrderBy,
     Ttl,
     check_name,
     check_parent,
+    check_restorable,
     check_ttl,
     decode_json,
     encode_data,
@@ -1116,6 +1118,77 @@ class PostgresDocumentStore(DocumentStore):
             ("remove children", newest_only, shape, parent_ttl_seconds is None), build
         )
         return self._execute(statement, params)
+    # -- export and import ---------------------------------------------------
+
+    def dump(
+        self,
+        collection: str,
+        filters: Filters | None = None,
+        *,
+        after: Document | None = None,
+        limit: int = 1000,
+        include_expired: bool = False,
+    ) -> list[Dumped]:
+        check_name("collection", collection)
+        check_paging(limit, 0)
+        conditions = parse_filters(filters)
+        columns = keyset_columns(parse_order_by("created_at"))
+        cursor: list[Any] = []
+        keyset: sql.Composable = sql.SQL("TRUE")
+        if after is not None:
+            cursor = keyset_params(keyset_values(after, columns))
+            keyset = compile_keyset(columns)
+        statement = self._sql(
+            ("dump", tuple(map(condition_shape, conditions)), after is None, include_expired),
+            lambda: sql.SQL(
+                "SELECT {cols}, child_seq FROM {t} WHERE collection = %s AND {live} AND {where} "
+                "AND {keyset} ORDER BY created_at, id LIMIT %s"
+            ).format(
+                cols=_COLUMNS,
+                t=self._table,
+                live=sql.SQL("TRUE") if include_expired else _LIVE,
+                where=compile_where(conditions),
+                keyset=keyset,
+            ),
+        )
+        params = [collection, *condition_params(conditions), *cursor, limit]
+        rows = self._execute(statement, params, write=False)
+        return [Dumped(_to_document(row[:-1]), int(row[-1])) for row in rows]
+
+    def restore(self, document: Document, *, counter: int = 0) -> Document | None:
+        check_restorable(document, counter)
+        text = encode_data(document.data, self._max_document_bytes)
+        statement = self._sql(
+            "restore",
+            lambda: sql.SQL(
+                "INSERT INTO {t} AS d (collection, id, data, created_at, updated_at, version,"
+                " expires_at, child_seq) VALUES (%s, %s, %s::jsonb, %s, %s, %s, %s, %s) "
+                "ON CONFLICT (collection, id) DO UPDATE SET data = EXCLUDED.data,"
+                " created_at = EXCLUDED.created_at, updated_at = EXCLUDED.updated_at,"
+                " version = EXCLUDED.version, expires_at = EXCLUDED.expires_at,"
+                " child_seq = EXCLUDED.child_seq "
+                "WHERE d.expires_at IS NOT NULL AND d.expires_at <= now() "
+                "RETURNING 1"
+            ).format(t=self._table),
+        )
+        params = (
+            document.collection,
+            document.id,
+            text,
+            document.created_at,
+            document.updated_at,
+            document.version,
+            document.expires_at,
+            counter,
+        )
+        for _ in range(3):
+            if self._write_with_unique_retry(document.collection, statement, params):
+                return None
+            live = self.read(document.collection, document.id)
+            if live is not None:
+                return live
+            # The live document went away between the two statements: try again.
+        raise DocstoreError("restore kept racing with writers of the same id")
 
     def _running_backends(self, pids: list[int]) -> set[int]:
         """Return which of these server processes are running a statement (the watchdog's probe).

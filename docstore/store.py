@@ -9,15 +9,16 @@ import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
-from datetime import timedelta
+from datetime import datetime, timedelta
 from types import TracebackType
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 from .document import Document
 from .errors import InvalidDocument, InvalidQuery
 
 __all__ = [
     "DocumentStore",
+    "Dumped",
     "Filters",
     "OrderBy",
     "Ttl",
@@ -170,6 +171,31 @@ def decode_json(text: str) -> Any:
     if end != len(text):
         return json.loads(text)
     return value
+
+
+class Dumped(NamedTuple):
+    """A document as `dump()` reads it: with its append counter (the last `seq` given out)."""
+
+    document: Document
+    counter: int
+
+
+def check_restorable(document: object, counter: object) -> Document:
+    """Return `document` if `restore()` can write it as it is, else raise InvalidDocument."""
+    if not isinstance(document, Document):
+        raise InvalidDocument(f"restore needs a Document, not {type(document).__name__}")
+    check_name("collection", document.collection)
+    check_name("id", document.id)
+    for name in ("created_at", "updated_at", "expires_at"):
+        moment = getattr(document, name)
+        if moment is None and name == "expires_at":
+            continue
+        if not isinstance(moment, datetime) or moment.utcoffset() is None:
+            raise InvalidDocument(f"{name} must be a timezone-aware datetime, not {moment!r}")
+    for name, value, low in (("version", document.version, 1), ("counter", counter, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= _INT64_MAX:
+            raise InvalidDocument(f"{name} must be an int >= {low}, not {value!r}")
+    return document
 
 
 class DocumentStore(ABC):
@@ -334,6 +360,35 @@ class DocumentStore(ABC):
     @abstractmethod
     def close(self) -> None:
         """Release connections."""
+
+    # -- export and import: not abstract, so that other implementations keep working
+
+    def dump(
+        self,
+        collection: str,
+        filters: Filters | None = None,
+        *,
+        after: Document | None = None,
+        limit: int = 1000,
+        include_expired: bool = False,
+    ) -> list[Dumped]:
+        """Return a page of documents with their append counters, by (created_at, id).
+
+        `after` is the last document of the previous page (keyset paging: the
+        cost of a page does not grow with how far the walk has gone). Expired
+        documents are included only with `include_expired`.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot dump documents")
+
+    def restore(self, document: Document, *, counter: int = 0) -> Document | None:
+        """Write `document` exactly as given (id, data, timestamps, version, expiry).
+
+        `counter` is its append counter (see `dump`). When a live document
+        already holds the id, nothing changes and that document is returned;
+        otherwise (missing or expired) the document is written and None is
+        returned. A unique index's conflict raises DocumentExists.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot restore documents")
 
     def __enter__(self) -> DocumentStore:
         return self
