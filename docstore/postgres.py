@@ -68,7 +68,7 @@ from .store import (
 )
 from .watchdog import StatementWatchdog
 
-__all__ = ["PostgresDocumentStore", "SCHEMA_VERSION"]
+__all__ = ["PostgresDocumentStore", "SCHEMA_VERSION", "index_name"]
 
 logger = logging.getLogger(__name__)
 
@@ -910,10 +910,9 @@ class PostgresDocumentStore(DocumentStore):
         parsed = [parse_path(path) for path in iter_paths(paths)]
         if not parsed:
             raise InvalidQuery("ensure_index needs at least one field path")
-        key = repr((collection, parsed, bool(unique)))
+        key = _index_key(collection, parsed, unique)
         if key in self._ensured_indexes:
             return
-        digest = hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
         columns = [path_expression(path) for path in parsed]
         if not unique:
             # id last, so that order_by on these paths (ties broken by id) reads the index in order.
@@ -922,7 +921,7 @@ class PostgresDocumentStore(DocumentStore):
             "CREATE {unique}INDEX IF NOT EXISTS {name} ON {t} ({columns}) WHERE collection = {coll}"
         ).format(
             unique=sql.SQL("UNIQUE " if unique else ""),
-            name=self._name(f"ix_{digest}"),
+            name=PercentSafeIdentifier(_index_name(self._table_name, key)),
             t=self._table,
             columns=sql.SQL(", ").join(columns),
             coll=PercentSafeLiteral(collection),
@@ -1190,6 +1189,61 @@ class PostgresDocumentStore(DocumentStore):
             # The live document went away between the two statements: try again.
         raise DocstoreError("restore kept racing with writers of the same id")
 
+    def table_stats(self, collections: Sequence[str]) -> dict[str, Any]:
+        """Return the table's size on disk, its indexes' and schema version, and per collection
+        how many live and expired documents it holds (a count over the collection's rows).
+        """
+        for collection in collections:
+            check_name("collection", collection)
+        counts = self._sql(
+            "stats counts",
+            lambda: sql.SQL(
+                "SELECT collection, count(*) FILTER (WHERE {live}),"
+                " count(*) FILTER (WHERE NOT {live})"
+                " FROM {t} WHERE collection = ANY(%s) GROUP BY collection"
+            ).format(t=self._table, live=_LIVE),
+        )
+        sizes = self._sql(
+            "stats sizes",
+            lambda: sql.SQL(
+                "SELECT pg_table_size(c.oid), pg_indexes_size(c.oid),"
+                " pg_total_relation_size(c.oid),"
+                " (SELECT value FROM {meta} WHERE key = 'schema_version')"
+                " FROM pg_class c WHERE c.oid = to_regclass(%s)"
+            ).format(meta=self._name("meta")),
+        )
+        indexes = self._sql(
+            "stats indexes",
+            lambda: sql.SQL(
+                "SELECT c.relname, pg_relation_size(c.oid), i.indisvalid FROM pg_index i"
+                " JOIN pg_class c ON c.oid = i.indexrelid"
+                " WHERE i.indrelid = to_regclass(%s) ORDER BY c.relname"
+            ),
+        )
+        regclass = '"' + self._table_name.replace('"', '""') + '"'
+        rows = self._execute(counts, (list(collections),), write=False)
+        found = {row[0]: (int(row[1]), int(row[2])) for row in rows}
+        table_bytes, index_bytes, total_bytes, version = self._execute(
+            sizes, (regclass,), write=False
+        )[0]
+        listed = self._execute(indexes, (regclass,), write=False)
+        return {
+            "table": self._table_name,
+            "schema_version": int(version),
+            "table_bytes": int(table_bytes),
+            "indexes_bytes": int(index_bytes),
+            "total_bytes": int(total_bytes),
+            "indexes": {
+                name: {"bytes": int(size), "valid": bool(valid)} for name, size, valid in listed
+            },
+            "collections": {
+                collection: dict(
+                    zip(("live", "expired"), found.get(collection, (0, 0)), strict=True)
+                )
+                for collection in collections
+            },
+        }
+
     def _running_backends(self, pids: list[int]) -> set[int]:
         """Return which of these server processes are running a statement (the watchdog's probe).
 
@@ -1213,6 +1267,22 @@ class PostgresDocumentStore(DocumentStore):
     def close(self) -> None:
         self._watchdog.close()
         self._pool.close()
+
+
+def _index_key(collection: str, parsed: Sequence[Any], unique: bool) -> str:
+    return repr((collection, list(parsed), bool(unique)))
+
+
+def _index_name(table: str, key: str) -> str:
+    return f"{table}_ix_{hashlib.sha256(key.encode('utf-8')).hexdigest()[:16]}"
+
+
+def index_name(
+    table: str, collection: str, paths: str | Sequence[str], *, unique: bool = False
+) -> str:
+    """Return the name `ensure_index(collection, paths, unique=unique)` gives its index."""
+    parsed = [parse_path(path) for path in iter_paths(paths)]
+    return _index_name(table, _index_key(collection, parsed, unique))
 
 
 def _new_id() -> str:

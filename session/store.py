@@ -66,7 +66,7 @@ from .serializer import (
     encode_session,
 )
 
-__all__ = ["SessionStore", "STAT_NAMES", "DEFAULT_TAIL_BYTES", "short_hash"]
+__all__ = ["SessionStore", "STAT_NAMES", "DEFAULT_TAIL_BYTES", "short_hash", "required_indexes"]
 
 logger = logging.getLogger(__name__)
 
@@ -161,6 +161,17 @@ class _Lookup:
     session_fill: tuple[bytes, int, int] | None = None
 
 
+def required_indexes(sessions: str, messages: str) -> list[tuple[str, list[str]]]:
+    """Return the (collection, field paths) of every index the store asks its docstore for."""
+    return [
+        (sessions, [f"{RESERVED_KEY}.user_id"]),
+        (sessions, [f"{RESERVED_KEY}.conv"]),
+        (messages, ["conv", "seq"]),
+        # Finds each conversation's first message, for purging orphans.
+        (messages, ["seq", "conv"]),
+    ]
+
+
 class _Counters:
     """Thread-safe counters behind `stats()`."""
 
@@ -179,6 +190,20 @@ class _Counters:
     def snapshot(self) -> dict[str, int]:
         with self._lock:
             return dict(self._counts)
+
+
+class _ObservedCounters(_Counters):
+    """Counters that also report every change to observers, in the calling thread."""
+
+    def __init__(self, counts: dict[str, int], observers: list[Callable[[str, int], None]]):
+        super().__init__()
+        self._counts.update(counts)
+        self._observers = observers
+
+    def add(self, name: str, amount: int = 1) -> None:
+        super().add(name, amount)
+        for observer in self._observers:
+            observer(name, amount)
 
 
 class _ConversationKeys:
@@ -305,11 +330,8 @@ class SessionStore:
                 logger.info("Redis unreachable at start (%s); fencing later", type(exc).__name__)
         if ensure_indexes:
             with self._translated():
-                docstore.ensure_index(self._sessions, f"{RESERVED_KEY}.user_id")
-                docstore.ensure_index(self._sessions, f"{RESERVED_KEY}.conv")
-                docstore.ensure_index(self._messages, ["conv", "seq"])
-                # Finds each conversation's first message, for purging orphans.
-                docstore.ensure_index(self._messages, ["seq", "conv"])
+                for collection, paths in required_indexes(self._sessions, self._messages):
+                    docstore.ensure_index(collection, paths)
 
     @classmethod
     def from_env(cls) -> SessionStore:
@@ -646,6 +668,46 @@ class SessionStore:
                     last_conversation = conversations[-1]
                 if len(firsts) < batch_size:
                     return purged
+
+    # -- for operations tools (session.transfer, session.ops) --------------------
+
+    @property
+    def document_store(self) -> docstore.DocumentStore:
+        """The DocumentStore underneath (PostgreSQL is the source of truth)."""
+        return self._docstore
+
+    @property
+    def cache(self) -> redis.Redis | None:
+        """The Redis client, or None when the store runs without a cache."""
+        return self._cache
+
+    @property
+    def key_prefix(self) -> str:
+        """The prefix of every Redis key this store writes."""
+        return self._key_prefix
+
+    @property
+    def collections(self) -> tuple[str, str]:
+        """The docstore collections of the sessions and of their messages."""
+        return self._sessions, self._messages
+
+    def add_counter_observer(self, observer: Callable[[str, int], None]) -> None:
+        """Call `observer(name, amount)` in the calling thread whenever a counter moves.
+
+        For metrics (session.metrics): a store that has none pays nothing for them.
+        """
+        if not isinstance(self._stats, _ObservedCounters):
+            self._stats = _ObservedCounters(self._stats.snapshot(), [])
+        self._stats._observers.append(observer)
+
+    def evict(self, session_id: str) -> None:
+        """Drop every cached key of the session (after a write made around this store).
+
+        An import writes to the docstore directly: a tombstone or an older copy
+        left in Redis must not hide what it wrote. Fills in flight are cancelled.
+        """
+        if self._usable_id(session_id):
+            self._invalidate(session_id, tombstone=False)
 
     def stats(self) -> dict[str, int]:
         """Return the cache counters (see STAT_NAMES), plus whether the breaker is open."""
