@@ -79,6 +79,8 @@ _STATEMENT_SAVEPOINT = "docstore_statement"
 # The largest seq a child could get, so that a size check made before the
 # server assigns the real one never underestimates the stored document.
 _SEQ_PLACEHOLDER = 2**62
+# Documents per INSERT of restore_many: each batch size is one cached statement text.
+_RESTORE_BATCH = 100
 # Seconds past statement_timeout before the client stops waiting for an answer.
 _NETWORK_GRACE = 0.5
 # A statement unanswered this long is checked with a probe (see watchdog.py), and
@@ -1154,32 +1156,43 @@ class PostgresDocumentStore(DocumentStore):
         rows = self._execute(statement, params, write=False)
         return [Dumped(_to_document(row[:-1]), int(row[-1])) for row in rows]
 
-    def restore(self, document: Document, *, counter: int = 0) -> Document | None:
-        check_restorable(document, counter)
-        text = encode_data(document.data, self._max_document_bytes)
-        statement = self._sql(
-            "restore",
+    def _restore_statement(self, rows: int) -> str:
+        """Return the INSERT that restores `rows` documents unless a live one holds the id."""
+        return self._sql(
+            ("restore", rows),
             lambda: sql.SQL(
                 "INSERT INTO {t} AS d (collection, id, data, created_at, updated_at, version,"
-                " expires_at, child_seq) VALUES (%s, %s, %s::jsonb, %s, %s, %s, %s, %s) "
+                " expires_at, child_seq) VALUES {values} "
                 "ON CONFLICT (collection, id) DO UPDATE SET data = EXCLUDED.data,"
                 " created_at = EXCLUDED.created_at, updated_at = EXCLUDED.updated_at,"
                 " version = EXCLUDED.version, expires_at = EXCLUDED.expires_at,"
                 " child_seq = EXCLUDED.child_seq "
                 "WHERE d.expires_at IS NOT NULL AND d.expires_at <= now() "
-                "RETURNING 1"
-            ).format(t=self._table),
+                "RETURNING id"
+            ).format(
+                t=self._table,
+                values=sql.SQL(", ").join(
+                    [sql.SQL("(%s, %s, %s::jsonb, %s, %s, %s, %s, %s)")] * rows
+                ),
+            ),
         )
-        params = (
+
+    def _restore_params(self, document: Document, counter: int) -> list[Any]:
+        check_restorable(document, counter)
+        return [
             document.collection,
             document.id,
-            text,
+            encode_data(document.data, self._max_document_bytes),
             document.created_at,
             document.updated_at,
             document.version,
             document.expires_at,
             counter,
-        )
+        ]
+
+    def restore(self, document: Document, *, counter: int = 0) -> Document | None:
+        params = self._restore_params(document, counter)
+        statement = self._restore_statement(1)
         for _ in range(3):
             if self._write_with_unique_retry(document.collection, statement, params):
                 return None
@@ -1188,6 +1201,24 @@ class PostgresDocumentStore(DocumentStore):
                 return live
             # The live document went away between the two statements: try again.
         raise DocstoreError("restore kept racing with writers of the same id")
+
+    def restore_many(self, documents: Sequence[Document]) -> list[str]:
+        held: list[str] = []
+        for start in range(0, len(documents), _RESTORE_BATCH):
+            batch = documents[start : start + _RESTORE_BATCH]
+            collections = {document.collection for document in batch}
+            if len(collections) != 1:
+                raise InvalidDocument("restore_many needs documents of one collection")
+            ids = [document.id for document in batch]
+            if len(set(ids)) != len(ids):
+                raise InvalidDocument("restore_many got the same id twice")
+            params = [value for document in batch for value in self._restore_params(document, 0)]
+            rows = self._write_with_unique_retry(
+                batch[0].collection, self._restore_statement(len(batch)), params
+            )
+            written = {row[0] for row in rows}
+            held.extend(doc_id for doc_id in ids if doc_id not in written)
+        return held
 
     def table_stats(self, collections: Sequence[str]) -> dict[str, Any]:
         """Return the table's size on disk, its indexes' and schema version, and per collection

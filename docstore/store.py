@@ -390,6 +390,19 @@ class DocumentStore(ABC):
         """
         raise NotImplementedError(f"{type(self).__name__} cannot restore documents")
 
+    def restore_many(self, documents: Sequence[Document]) -> list[str]:
+        """Restore several documents of one collection (append counters 0) in one step.
+
+        Return the ids a live document already held: those were left unchanged.
+        Atomic on PostgreSQL (one statement); use it in `transaction()` to
+        undo the others when any id was held.
+        """
+        held = []
+        for document in documents:
+            if self.restore(document) is not None:
+                held.append(document.id)
+        return held
+
     def __enter__(self) -> DocumentStore:
         return self
 

@@ -299,9 +299,9 @@ def _import_line(store: SessionStore, line: str) -> int | None:
             # Messages left by an expired or deleted session of this conversation
             # are orphans (no live session holds the key): the imported ones replace them.
             documents.delete_many(messages_collection, {"conv": conversation})
-            for message in messages:
-                if documents.restore(message) is not None:
-                    raise _Rejected(f"message id {message.data['message_id']!r} is taken")
+            held = documents.restore_many(messages)
+            if held:
+                raise _Rejected(f"message document {held[0]!r} is taken")
     except docstore.DocumentExists as exc:
         raise _Rejected(f"a unique value is taken: {exc}") from None
     except docstore.InvalidDocument as exc:

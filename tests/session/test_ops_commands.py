@@ -343,16 +343,14 @@ def test_interrupted_import_leaves_no_half_written_session(
     def interrupting() -> SessionStore:
         store = opened()
         documents = store.document_store
-        original = documents.restore
-        calls = []
+        original = documents.restore_many
 
-        def restore(document: Document, *, counter: int = 0) -> Document | None:
-            calls.append(document.id)
-            if len(calls) == 4:  # in the middle of the first session's messages
-                raise KeyboardInterrupt
-            return original(document, counter=counter)
+        def restore_many(batch: list[Document]) -> list[str]:
+            # Ctrl-C after the session row and some of its messages were written.
+            original(batch[:2])
+            raise KeyboardInterrupt
 
-        monkeypatch.setattr(documents, "restore", restore)
+        monkeypatch.setattr(documents, "restore_many", restore_many)
         return store
 
     monkeypatch.setattr(session.cli, "get_session_store", interrupting)
