@@ -851,7 +851,7 @@ class MemoryDocumentStore(DocumentStore):
         keys = parse_order_by("created_at")
         beyond = _keyset_filter(keys, after)
         with self._lock:
-            now = _now()
+            now = self._now()
             rows = [
                 row
                 for row in self._collections.get(collection, {}).items()
@@ -869,7 +869,7 @@ class MemoryDocumentStore(DocumentStore):
         data = self._encode(document.data)
         collection, doc_id = document.collection, document.id
         with self._write():
-            now = _now()
+            now = self._now()
             existing = self._live(collection, doc_id, now)
             if existing is not None:
                 return self._document(collection, doc_id, existing)

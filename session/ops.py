@@ -47,7 +47,7 @@ def warm_cache(
     documents = store.document_store
     sessions, _ = store.collections
     before = store.stats()
-    visited = 0
+    visited = already_cached = 0
     after: Document | None = None
     while visited < count:
         with store_errors(store):
@@ -58,7 +58,9 @@ def warm_cache(
                 after=after,
             )
         for doc in page:
+            hits = store.stats()["hits"]
             store.get_session(doc.id)
+            already_cached += store.stats()["hits"] - hits
             store.get_messages(doc.id, limit=1)
         visited += len(page)
         if progress is not None and page:
@@ -70,7 +72,7 @@ def warm_cache(
     return WarmReport(
         sessions=visited,
         fills=after_stats["fills"] - before["fills"],
-        already_cached=after_stats["hits"] - before["hits"],
+        already_cached=already_cached,
     )
 
 

@@ -53,7 +53,15 @@ class Deployment:
     dsn: str | None
     redis_url: str | None
 
-    def open(self, *, cached: bool = True) -> SessionStore:
+    def open(
+        self,
+        *,
+        cached: bool = True,
+        docstore_url: str | None = None,
+        redis_url: str | None = None,
+        key_prefix: str | None = None,
+    ) -> SessionStore:
+        """Build a store (the command line's URL and prefix arguments are this deployment's)."""
         return SessionStore(
             self.documents(),
             self.cache() if cached else None,
@@ -184,7 +192,7 @@ def test_export_writes_one_line_per_live_session_with_its_messages(
         "metadata": {"n": 2},
         "created_at": alice_messages[2].created_at.isoformat(timespec="microseconds"),
     }
-    assert "exported 4 sessions, 9 messages" in capsys.readouterr().err
+    assert json.loads(capsys.readouterr().out)["sessions"] == 4
     everything = lines_of(export(tmp_path, "--include-expired"))
     assert "expired-session" in {record["id"] for record in everything}
     only_alice = lines_of(export(tmp_path, "--user", "alice"))
@@ -195,8 +203,9 @@ def test_export_to_stdout(commands: Deployment, capsys: pytest.CaptureFixture[st
     with commands.open() as store:
         populate(store)
     assert main(["export", "--no-progress"]) == EXIT_OK
-    out = capsys.readouterr().out
-    assert len(out.splitlines()) == 4
+    captured = capsys.readouterr()
+    assert len(captured.out.splitlines()) == 4
+    assert "exported 4 sessions, 9 messages" in captured.err
 
 
 def test_round_trip_into_an_empty_table_gives_the_same_bytes(
@@ -282,7 +291,11 @@ def test_import_reports_every_rejected_line_and_imports_the_rest(
     source.write_text("\n".join(lines) + "\n", encoding="utf-8")
     capsys.readouterr()
     assert main(["import", "--no-progress", str(source)]) == EXIT_FAILED
-    err = capsys.readouterr().err
+    captured = capsys.readouterr()
+    err = captured.err
+    summary = json.loads(captured.out)
+    assert (summary["imported"], summary["rejected"]) == (1, 6)
+    assert [item["line"] for item in summary["rejections"]] == [2, 3, 4, 5, 7, 8]
     assert "line 2: bad JSON" in err
     assert "line 3: bad field: the messages[5] lacks 'id'" in err
     assert "line 4: bad field 'version'" in err
@@ -340,7 +353,7 @@ def test_interrupted_import_leaves_no_half_written_session(
     source.write_bytes(exported)
     opened = commands.open
 
-    def interrupting() -> SessionStore:
+    def interrupting(**options: object) -> SessionStore:
         store = opened()
         documents = store.document_store
         original = documents.restore_many
@@ -387,13 +400,19 @@ def test_import_of_a_missing_file_is_a_usage_error(
 # --------------------------------------------------------------------------- warm and stats
 
 
-def test_warm_fills_the_most_recently_active_sessions(commands: Deployment) -> None:
+def test_warm_fills_the_most_recently_active_sessions(
+    commands: Deployment, capsys: pytest.CaptureFixture[str]
+) -> None:
     with commands.open(cached=False) as store:  # written without touching Redis
         created = [store.create_session("u", {"n": n}) for n in range(5)]
         for session_ in created:
             store.add_message(session_.id, "user", "hello")
         store.update_session(created[0].id, {"active": True})  # now the most recent
     assert main(["warm", "--no-progress", "--sessions", "2"]) == EXIT_OK
+    # Two sessions, each its copy and its tail installed.
+    assert json.loads(capsys.readouterr().out) == {"sessions": 2, "fills": 4, "already_cached": 0}
+    assert main(["warm", "--no-progress", "--sessions", "2"]) == EXIT_OK
+    assert json.loads(capsys.readouterr().out) == {"sessions": 2, "fills": 0, "already_cached": 2}
     with commands.open() as store:
         assert store.get_session(created[0].id) is not None
         assert store.get_messages(created[4].id) != []
@@ -469,12 +488,14 @@ def test_migrate_command(
     monkeypatch.setenv("POSTGRES_CONNECTION_STRING", dsn)
     migrate_dsn(dsn, table, steps=MIGRATIONS[:1])
     assert main(["migrate", "--dry-run", "--table", table]) == EXIT_OK
-    out = capsys.readouterr().out
-    assert "would apply step 2" in out
+    planned = json.loads(capsys.readouterr().out)
+    assert planned["dry_run"] and [step["version"] for step in planned["applied"]] == [2]
+    assert planned["version_after"] == 1
     assert main(["migrate", "--table", table]) == EXIT_OK
-    assert f"schema version 1 -> {MIGRATIONS[-1].version}" in capsys.readouterr().out
+    done = json.loads(capsys.readouterr().out)
+    assert (done["version_before"], done["version_after"]) == (1, MIGRATIONS[-1].version)
     assert main(["migrate", "--table", table]) == EXIT_OK
-    assert "up to date" in capsys.readouterr().out
+    assert json.loads(capsys.readouterr().out)["applied"] == []
     monkeypatch.setenv("POSTGRES_CONNECTION_STRING", "memory://")
     assert main(["migrate"]) == EXIT_USAGE
 
