@@ -7,6 +7,7 @@ fakeredis, or the real servers (a fresh table and key prefix, removed after).
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -684,14 +685,17 @@ def test_clock_skew_beyond_a_second_is_a_warning() -> None:
 
 
 def test_every_command_has_help_with_an_example(capsys: pytest.CaptureFixture[str]) -> None:
-    parser = build_parser()
-    names = [
+    commands = next(
         action
-        for action in parser._subparsers._group_actions  # type: ignore[union-attr]
-    ][0].choices
-    for name in ("export", "import", "warm", "stats", "doctor", "migrate"):
-        assert name in names  # type: ignore[operator]
+        for action in build_parser()._actions
+        if isinstance(action, argparse._SubParsersAction)
+    )
+    names = sorted(commands.choices)
+    assert {"export", "import", "warm", "stats", "doctor", "migrate", "get", "check"} <= set(names)
+    for name in names:
         with pytest.raises(SystemExit) as exited:
             main([name, "--help"])
         assert exited.value.code == 0
-        assert "example: session-store " in capsys.readouterr().out
+        out = capsys.readouterr().out
+        example = out.split("example: ", 1)[-1].splitlines()[0]
+        assert "session-store " + name in example, name
