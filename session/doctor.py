@@ -374,7 +374,7 @@ def check_redis(
         findings.append(_redis_version(str(info.get("redis_version", "0"))))
         findings.extend(_redis_role(info))
         findings.extend(_eviction(client, info))
-        findings.extend(_persistence(info))
+        findings.extend(_persistence(client, info))
         findings.extend(_cluster(info, key_prefix))
         return findings, skew
     except (redis.RedisError, OSError) as exc:
@@ -480,7 +480,7 @@ def _eviction(client: redis.Redis, info: dict[str, Any]) -> list[Finding]:
     return findings
 
 
-def _persistence(info: dict[str, Any]) -> list[Finding]:
+def _persistence(client: redis.Redis, info: dict[str, Any]) -> list[Finding]:
     findings = []
     if str(info.get("rdb_last_bgsave_status", "ok")) != "ok":
         findings.append(
@@ -493,14 +493,24 @@ def _persistence(info: dict[str, Any]) -> list[Finding]:
                 "fix the save (disk, permissions) or CONFIG SET stop-writes-on-bgsave-error no",
             )
         )
-    if int(info.get("aof_enabled", 0) or 0) or int(info.get("rdb_changes_since_last_save", 0) or 0):
+    snapshots = _config(client, "save")
+    persisting = [
+        what
+        for what, on in (
+            ("append-only file", int(info.get("aof_enabled", 0) or 0)),
+            (f"RDB snapshots (save {snapshots!r})", bool(snapshots)),
+        )
+        if on
+    ]
+    if persisting:
         findings.append(
             Finding(
                 "redis",
                 "persistence",
                 Severity.INFO,
-                "Redis persists to disk: not needed for a cache (PostgreSQL holds the truth; "
-                "copies reloaded after a restart are dropped by the store's fence)",
+                f"Redis persists to disk ({', '.join(persisting)}): not needed for a cache "
+                "(PostgreSQL holds the truth; copies reloaded after a restart are dropped by "
+                "the store's fence)",
                 "appendonly no and save '' to spare the disk",
             )
         )

@@ -652,6 +652,29 @@ def test_doctor_finds_an_old_schema_and_an_invalid_index(
     )
 
 
+def test_doctor_reports_persistence_and_a_replica(private_redis: Callable[..., str]) -> None:
+    from session.doctor import Severity, check_redis
+
+    primary = private_redis("--appendonly", "yes", "--maxmemory-policy", "allkeys-lru")
+    port = primary.rsplit(":", 1)[1].split("/")[0]
+    replica = private_redis("--replicaof", "127.0.0.1", port)
+    for url, expected in ((primary, "persistence"), (replica, "role")):
+        client = redis_client_from_url(url)
+        try:
+            findings, skew = check_redis(client, key_prefix="sess:")
+        finally:
+            client.close()
+        assert skew is not None and abs(skew) < 1
+        if expected == "persistence":
+            found = [item for item in findings if item.check == "persistence"]
+            assert [item.severity for item in found] == [Severity.INFO]
+            assert "append-only file" in found[0].message
+        else:
+            found = [item for item in findings if item.check == "role"]
+            assert found and found[0].severity is Severity.ERROR
+            assert "primary" in (found[0].setting or "")
+
+
 def test_doctor_exits_3_when_a_tier_is_unreachable(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
