@@ -226,6 +226,8 @@ SLIDING_WRITES: dict[str, Callable[[SessionStore, str], object]] = {
     "update_session": lambda store, session_id: store.update_session(session_id, {"a": 1}),
     "touch_session": lambda store, session_id: store.touch_session(session_id),
     "add_message": lambda store, session_id: store.add_message(session_id, "user", "hi"),
+    "pop_message": lambda store, session_id: store.pop_message(session_id),
+    "clear_messages": lambda store, session_id: store.clear_messages(session_id),
 }
 
 
@@ -599,7 +601,7 @@ class SessionStoreContract:
     ) -> None:
         """The write moves the expiry to `session_ttl` from the docstore's now, in both tiers.
 
-        The session starts with a 50 s lifetime, so an expiry the write did not
+        The session's lifetime is first cut to 50 s, so an expiry the write did not
         move stays about 950 s short of the mark. The memory docstore runs on
         the injected clock, which moves between the writes: each new expiry is
         exact. PostgreSQL takes its own now(): there it is checked within
@@ -617,8 +619,13 @@ class SessionStoreContract:
 
         store = make_store(docstore=backing, session_ttl=1000, clock=clock)
         plain = make_store(docstore=backing, cache=None, clock=clock)
-        created = store.create_session(ttl=50)
-        previous = created.expires_at
+        created = store.create_session()
+        for number in range(2):  # something to pop or clear
+            store.add_message(created.id, "user", f"m{number}")
+        assert store.touch_session(created.id, ttl=50)
+        shortened = store.get_session(created.id)
+        assert shortened is not None
+        previous = shortened.expires_at
         assert previous is not None
         for _ in range(2):
             clock.advance(20)
