@@ -8,6 +8,8 @@ check that a fresh test file in another directory gets them too.
 from __future__ import annotations
 
 import json
+import re
+import sys
 import textwrap
 import uuid
 
@@ -38,20 +40,6 @@ def test_session_store_is_built_on_the_other_fixtures(
     assert any(created.id.encode() in key for key in fake_redis.scan_iter())
 
 
-def test_fake_redis_starts_empty_each_test(fake_redis: redis.Redis) -> None:
-    assert fake_redis.dbsize() == 0
-    fake_redis.set("left-behind", b"1")  # the next test's server must not see it
-
-
-def test_fake_redis_starts_empty_again(fake_redis: redis.Redis) -> None:
-    assert fake_redis.dbsize() == 0
-
-
-def test_session_key_prefix_is_unique(session_key_prefix: str) -> None:
-    assert session_key_prefix.endswith(":")
-    assert "{" not in session_key_prefix
-
-
 @pytest.mark.postgres
 def test_postgres_docstore(postgres_docstore: PostgresDocumentStore) -> None:
     doc = postgres_docstore.create("things", {"a": 1})
@@ -76,10 +64,24 @@ def test_real_session_store(
 # --------------------------------------------------------------------------- pytester
 
 INNER_IN_PROCESS = """
+    import json
+
+    import pytest
+
+
     def test_inner(session_store, fake_redis, docstore_memory):
         created = session_store.create_session("u", {"a": 1})
         assert session_store.get_session(created.id) == created
         assert fake_redis.dbsize() > 0
+
+
+    @pytest.mark.parametrize("number", range(3))
+    def test_each_test_gets_its_own(fake_redis, session_key_prefix, postgres_table, number):
+        assert fake_redis.dbsize() == 0  # nothing the test before left behind
+        fake_redis.set("left-behind", b"1")
+        with open("seen.jsonl", "a") as out:
+            seen = {"prefix": session_key_prefix, "table": postgres_table}
+            out.write(json.dumps(seen) + "\\n")
 """
 
 
@@ -87,7 +89,30 @@ def test_a_fresh_test_file_gets_the_fixtures(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(test_inner=textwrap.dedent(INNER_IN_PROCESS))
     # A subprocess: the fixtures must come from the installed entry point alone.
     result = pytester.runpytest_subprocess("-W", "error", "-p", "no:cacheprovider")
-    result.assert_outcomes(passed=1)
+    result.assert_outcomes(passed=4)
+    # Three tests in a row, one process: each had its own key prefix and table name.
+    seen = [json.loads(line) for line in (pytester.path / "seen.jsonl").read_text().splitlines()]
+    assert len(seen) == 3
+    prefixes = [entry["prefix"] for entry in seen]
+    tables = [entry["table"] for entry in seen]
+    assert len(set(prefixes)) == 3 and len(set(tables)) == 3
+    assert all(re.fullmatch(r"t[0-9a-f]{12}:", prefix) for prefix in prefixes)
+    assert all(re.fullmatch(r"t_[0-9a-f]{32}", table) for table in tables)
+
+
+def test_fake_redis_without_fakeredis_is_an_error_not_a_skip(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "fakeredis", None)  # import fakeredis raises ImportError
+    pytester.makepyfile(
+        test_inner="""
+        def test_inner(fake_redis):
+            pass
+        """
+    )
+    result = pytester.runpytest("-W", "error", "-p", "no:cacheprovider")
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*fake_redis needs fakeredis*"])
 
 
 INNER_REAL_SERVERS = """
