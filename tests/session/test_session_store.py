@@ -5,7 +5,9 @@
 - `TestNoCache`: no Redis at all; every read goes to the docstore.
 - `TestRealRedis`: the server named by REDIS_URL, reached through a TCP proxy
   that a test can cut, with the fail-fast client `get_session_store` builds.
-- `TestEmbeddedPostgres`: fakeredis again, on the embedded PostgreSQL server.
+- `TestPostgresFakeRedis`, `TestPostgresNoCache`: fakeredis, and no cache, on
+  PostgreSQL: the server named by POSTGRES_CONNECTION_STRING when it is set,
+  else the embedded one.
 - `TestRealPostgresRealRedis`: the real-Redis configuration on the PostgreSQL
   server named by POSTGRES_CONNECTION_STRING.
 
@@ -15,6 +17,7 @@ The PostgreSQL-backed classes share one store per class on a table of their own
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator
 from urllib.parse import urlsplit, urlunsplit
@@ -29,6 +32,7 @@ from tcp_proxy import TcpProxy
 from docstore import DocumentStore
 from session import SessionStore
 from session.config import REDIS_SOCKET_TIMEOUT, redis_client_from_url
+from session.pytest_plugin import POSTGRES_VARIABLE
 
 # Seconds no call may take while a server is failing (README, reliability).
 MAX_CALL_UNDER_A_FAULT = 2.0
@@ -152,11 +156,30 @@ def real_postgres_docstore(real_dsn: str) -> Iterator[DocumentStore]:
         yield make(max_connections=_POOL_SIZE)
 
 
-@pytest.mark.embedded
-class TestEmbeddedPostgres(TestFakeRedis):
+@pytest.fixture(scope="module")
+def postgres_docstore_of_the_run(request: pytest.FixtureRequest) -> DocumentStore:
+    """Return the real server's store when POSTGRES_CONNECTION_STRING names one, else the embedded.
+
+    The configurations on it run once per suite mode at no extra cost: on the
+    embedded server without service variables, on the real one with them.
+    """
+    if os.environ.get(POSTGRES_VARIABLE):
+        store: DocumentStore = request.getfixturevalue("real_postgres_docstore")
+    else:
+        store = request.getfixturevalue("embedded_postgres_docstore")
+    return store
+
+
+class TestPostgresFakeRedis(TestFakeRedis):
     @pytest.fixture
-    def session_docstore(self, embedded_postgres_docstore: DocumentStore) -> DocumentStore:
-        return embedded_postgres_docstore
+    def session_docstore(self, postgres_docstore_of_the_run: DocumentStore) -> DocumentStore:
+        return postgres_docstore_of_the_run
+
+
+class TestPostgresNoCache(TestNoCache):
+    @pytest.fixture
+    def session_docstore(self, postgres_docstore_of_the_run: DocumentStore) -> DocumentStore:
+        return postgres_docstore_of_the_run
 
 
 @pytest.mark.postgres
