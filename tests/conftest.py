@@ -42,9 +42,13 @@ def real_dsn() -> str:
 
 def _does_not_apply(item: pytest.Item) -> bool:
     cls = getattr(item, "cls", None)
+    flushes = item.get_closest_marker("flushes_redis_scripts") is not None
+    if getattr(cls, "only_flushes_redis_scripts", False):
+        # A class on a server of its own, for what a shared one must not see.
+        return not flushes
     if getattr(cls, "shares_redis_server", False):
         # SCRIPT FLUSH would flush every user's scripts on a shared server.
-        return item.get_closest_marker("flushes_redis_scripts") is not None
+        return flushes
     if not getattr(cls, "has_cache", True):
         fixtures = getattr(item, "fixturenames", ())
         if "needs_cache" in fixtures or "needs_outage" in fixtures:

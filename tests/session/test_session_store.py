@@ -5,6 +5,8 @@
 - `TestNoCache`: no Redis at all; every read goes to the docstore.
 - `TestRealRedis`: the server named by REDIS_URL, reached through a TCP proxy
   that a test can cut, with the fail-fast client `get_session_store` builds.
+- `TestPrivateRedisServer`: a redis-server the class starts, for the tests a
+  shared server must not see (SCRIPT FLUSH).
 - `TestPostgresFakeRedis`, `TestPostgresNoCache`: fakeredis, and no cache, on
   PostgreSQL: the server named by POSTGRES_CONNECTION_STRING when it is set,
   else the embedded one.
@@ -20,12 +22,14 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import fakeredis
 import pytest
 import redis
 from contract.session_contract import Outage, SessionStoreContract
+from faults.fault_redis import RedisProcess, redis_server_path
 from postgres_tables import postgres_store_factory
 from tcp_proxy import TcpProxy
 
@@ -138,6 +142,32 @@ class TestRealRedis(SessionStoreContract):
             assert stats["cache_skipped"] == 3
         finally:
             proxy.resume()
+
+
+class TestPrivateRedisServer(SessionStoreContract):
+    """The tests a shared Redis must not see (SCRIPT FLUSH), on a redis-server of their own.
+
+    Only the tests marked `flushes_redis_scripts` run here (tests/conftest.py);
+    the rest of the contract already runs on the shared server.
+    """
+
+    only_flushes_redis_scripts = True
+
+    @pytest.fixture
+    def redis_process(self, tmp_path: Path) -> Iterator[RedisProcess]:
+        if redis_server_path() is None:
+            if os.environ.get("CI"):
+                pytest.fail("CI is set but redis-server is not on PATH: these tests must run")
+            pytest.skip("redis-server is not on PATH (apt-get install redis-server)")
+        server = RedisProcess(tmp_path / "redis").start()
+        yield server
+        server.stop()
+
+    @pytest.fixture
+    def cache(self, redis_process: RedisProcess) -> Iterator[redis.Redis]:
+        client = redis_client_from_url(redis_process.url)
+        yield client
+        client.close()
 
 
 # The contract's concurrency tests run a few stores with several threads each.
