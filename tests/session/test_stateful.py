@@ -12,12 +12,16 @@ same docstore: what a read returns must not depend on the tier it came from.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import fakeredis
 import hypothesis.strategies as st
-from hypothesis import HealthCheck, settings
+import pytest
+import redis
+from hypothesis import HealthCheck, Phase, settings
 from hypothesis.stateful import (
     Bundle,
     RuleBasedStateMachine,
@@ -27,10 +31,17 @@ from hypothesis.stateful import (
     multiple,
     precondition,
     rule,
+    run_state_machine_as_test,
 )
+from postgres_tables import postgres_store_factory
+from tcp_proxy import TcpProxy
 
-from docstore import MemoryDocumentStore
+from docstore import DocumentStore, MemoryDocumentStore
 from session import Message, Session, SessionNotFound, SessionStore, VersionConflict
+from session.config import redis_client_from_url
+
+# Each example on the real servers costs tens of round trips per step: keep CI short.
+REAL_SERVER_EXAMPLES = 10
 
 USERS = ("alice", "bob", None)
 MESSAGE_IDS = (None, "m1", "m2", "m3")
@@ -41,7 +52,12 @@ json_scalars = (
     st.none()
     | st.booleans()
     | st.integers(min_value=-(2**63), max_value=2**63 - 1)
-    | st.floats(allow_nan=False, allow_infinity=False)
+    # Integral floats in [2**53, 2**63) are left out: PostgresDocumentStore reads
+    # 2.0**60 back as the int 1152921504606847000, not of equal value (reported;
+    # pinned by test_integral_floats_read_back_of_equal_value in the docstore contract).
+    | st.floats(allow_nan=False, allow_infinity=False).filter(
+        lambda x: not (x.is_integer() and 2**53 <= abs(x) < 2**63)
+    )
     | texts
 )
 json_values = st.recursive(
@@ -88,14 +104,60 @@ def window(
     return chosen[:limit] if after is not None else chosen[-limit:]
 
 
+class Backends:
+    """What a machine runs on: a docstore and a Redis it may flush and take away."""
+
+    docstore: DocumentStore
+    cache: redis.Redis
+    key_prefix: str
+    collections: tuple[str, str]
+
+    def flush(self) -> None:
+        raise NotImplementedError
+
+    def down(self) -> None:
+        raise NotImplementedError
+
+    def up(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class FakeBackends(Backends):
+    """A memory docstore and a fakeredis server of their own."""
+
+    def __init__(self) -> None:
+        self.docstore: DocumentStore = MemoryDocumentStore()
+        self._server = fakeredis.FakeServer()
+        self.cache: redis.Redis = fakeredis.FakeRedis(server=self._server)
+        self.key_prefix = "sess:"
+        self.collections = ("sessions", "messages")
+
+    def flush(self) -> None:
+        self.cache.flushall()
+
+    def down(self) -> None:
+        self._server.connected = False
+
+    def up(self) -> None:
+        self._server.connected = True
+
+    def close(self) -> None:
+        self.up()
+        self.cache.close()
+        self.docstore.close()
+
+
 class SessionMachine(RuleBasedStateMachine):
     ids = Bundle("ids")
+    make_backends: Callable[[], Backends] = FakeBackends
 
     def __init__(self) -> None:
         super().__init__()
-        self.docstore = MemoryDocumentStore()
-        self.server = fakeredis.FakeServer()
-        self.cache = fakeredis.FakeRedis(server=self.server)
+        self.backends = type(self).make_backends()
+        self.redis_is_up = True
         self.model: dict[str, ModelSession] = {}
         self.store: SessionStore | None = None
         self.plain: SessionStore | None = None
@@ -107,26 +169,31 @@ class SessionMachine(RuleBasedStateMachine):
         tail_bytes=st.sampled_from([0, 120, 400, 256 * 1024]),
     )
     def build(self, tail_size: int, tail_bytes: int) -> str:
+        backends = self.backends
+        places = {
+            "key_prefix": backends.key_prefix,
+            "sessions_collection": backends.collections[0],
+            "messages_collection": backends.collections[1],
+        }
         # A short cool-down, so that runs probe a half-open breaker often. One
         # thread: a lease held by another reader can only be a failed fill's leftover.
         self.store = SessionStore(
-            self.docstore,
-            self.cache,
+            backends.docstore,
+            backends.cache,
             tail_size=tail_size,
             tail_bytes=tail_bytes,
             breaker_cooldown=0.001,
             lease_wait=0,
+            **places,
         )
-        self.plain = SessionStore(self.docstore, None, ensure_indexes=False)
+        self.plain = SessionStore(backends.docstore, None, ensure_indexes=False, **places)
         return self.new_session("alice", {"a": 1})
 
     def teardown(self) -> None:
         for store in (self.store, self.plain):
             if store is not None:
                 store.close()
-        self.server.connected = True
-        self.cache.close()
-        self.docstore.close()
+        self.backends.close()
 
     @property
     def sut(self) -> SessionStore:
@@ -314,20 +381,22 @@ class SessionMachine(RuleBasedStateMachine):
 
     # -- Redis misbehaving -------------------------------------------------------
 
-    @precondition(lambda self: self.server.connected)
+    @precondition(lambda self: self.redis_is_up)
     @rule()
     def flush_redis(self) -> None:
-        self.cache.flushall()
+        self.backends.flush()
 
-    @precondition(lambda self: self.server.connected)
+    @precondition(lambda self: self.redis_is_up)
     @rule()
     def redis_down(self) -> None:
-        self.server.connected = False
+        self.backends.down()
+        self.redis_is_up = False
 
-    @precondition(lambda self: not self.server.connected)
+    @precondition(lambda self: not self.redis_is_up)
     @rule()
     def redis_up(self) -> None:
-        self.server.connected = True
+        self.backends.up()
+        self.redis_is_up = True
 
     @rule(session_id=consumes(ids))
     def forget(self, session_id: str) -> None:
@@ -346,3 +415,77 @@ SessionMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 TestSessionMachine = SessionMachine.TestCase
+
+
+# -- the same machine on the real servers ------------------------------------------
+
+
+class RealServerBackends(Backends):
+    """The PostgreSQL and Redis named by the environment, shared with other users.
+
+    Every example works in the test's own collections (emptied afterwards) and
+    under its own key prefix; a flush deletes that prefix's keys (what FLUSHALL
+    does to this store, without touching anyone else's), and an outage cuts
+    the TCP proxy the client reaches Redis through.
+    """
+
+    def __init__(
+        self, docstore: DocumentStore, redis_url: str, collections: tuple[str, str]
+    ) -> None:
+        parts = urlsplit(redis_url)
+        self._proxy = TcpProxy((parts.hostname or "127.0.0.1", parts.port or 6379))
+        self._proxy.start()
+        userinfo, _, _ = parts.netloc.rpartition("@")
+        netloc = f"{userinfo}@" if userinfo else ""
+        proxied = parts._replace(netloc=f"{netloc}{self._proxy.host}:{self._proxy.port}")
+        self.docstore = docstore
+        self.cache = redis_client_from_url(urlunsplit(proxied))
+        self._direct = redis_client_from_url(redis_url)
+        self.key_prefix = f"t{uuid.uuid4().hex[:12]}:"
+        self.collections = collections
+
+    def flush(self) -> None:
+        keys = list(self._direct.scan_iter(match=f"{self.key_prefix}*", count=1000))
+        if keys:
+            self._direct.delete(*keys)
+
+    def down(self) -> None:
+        self._proxy.cut()
+
+    def up(self) -> None:
+        self._proxy.resume()
+
+    def close(self) -> None:
+        self.flush()
+        self._direct.close()
+        self.cache.close()
+        self._proxy.stop()
+        for collection in self.collections:
+            self.docstore.delete_collection(collection)
+
+
+@pytest.mark.postgres
+@pytest.mark.redis
+def test_session_machine_on_real_servers(real_dsn: str, redis_url: str) -> None:
+    """A few examples on PostgreSQL and Redis: what a plain dict model cannot see in fakes."""
+    collections = (f"sessions_{uuid.uuid4().hex[:10]}", f"messages_{uuid.uuid4().hex[:10]}")
+    with postgres_store_factory(real_dsn) as make:
+        docstore = make()
+
+        class RealServerMachine(SessionMachine):
+            make_backends = staticmethod(  # type: ignore[assignment]
+                lambda: RealServerBackends(docstore, redis_url, collections)
+            )
+
+        run_state_machine_as_test(
+            RealServerMachine,
+            settings=settings(
+                max_examples=REAL_SERVER_EXAMPLES,
+                stateful_step_count=30,
+                deadline=None,
+                database=None,
+                # No shrinking: on these servers it takes minutes; the failing steps still print.
+                phases=[Phase.explicit, Phase.generate],
+                suppress_health_check=[HealthCheck.too_slow],
+            ),
+        )
