@@ -1133,12 +1133,14 @@ class PostgresDocumentStore(DocumentStore):
         check_name("collection", collection)
         check_paging(limit, 0)
         conditions = parse_filters(filters)
-        columns = keyset_columns(parse_order_by("created_at"))
         cursor: list[Any] = []
+        # A row comparison, not compile_keyset's OR of branches: PostgreSQL uses it
+        # as an index condition on (collection, created_at, id), so every page
+        # starts where the last one ended instead of filtering the rows before it.
         keyset: sql.Composable = sql.SQL("TRUE")
         if after is not None:
-            cursor = keyset_params(keyset_values(after, columns))
-            keyset = compile_keyset(columns)
+            cursor = keyset_values(after, [("created_at", False), ("id", False)])
+            keyset = sql.SQL("(created_at, id) > (%s, %s)")
         statement = self._sql(
             ("dump", tuple(map(condition_shape, conditions)), after is None, include_expired),
             lambda: sql.SQL(

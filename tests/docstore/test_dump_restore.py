@@ -151,3 +151,15 @@ def test_restore_respects_unique_indexes_and_refuses_bad_documents(
         with pytest.raises(InvalidDocument):
             store.restore(document, counter=counter)
     assert store.read("p", "x") is None
+
+
+def test_dump_pages_through_equal_creation_times(make_store: Callable[[], DocumentStore]) -> None:
+    store = make_store()
+    for n in range(7):
+        store.restore(Document(f"d{n}", "p", {"n": n}, moment(n // 3), moment(0), 1))
+    seen: list[str] = []
+    after = None
+    while page := store.dump("p", limit=2, after=after):
+        seen.extend(item.document.id for item in page)
+        after = page[-1].document
+    assert seen == [f"d{n}" for n in range(7)]
