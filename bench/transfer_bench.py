@@ -9,6 +9,7 @@ session) it builds a JSON Lines file, then:
 3. measures the raw floor in the same run: the same rows written with one
    multi-row INSERT per session in one transaction each, and read back with
    one keyset SELECT per page plus one per session's messages;
+   (both tables are ANALYZEd after loading, as autovacuum would soon do);
 4. repeats export and import under tracemalloc to report the peak of Python
    memory, which must not grow with the size.
 
@@ -113,6 +114,19 @@ class fresh_store:
         conn.close()
 
 
+def analyze(dsn: str, table: str | SessionStore) -> None:
+    """Give the planner statistics, as autovacuum would soon after a bulk load."""
+    if isinstance(table, SessionStore):
+        documents = table.document_store
+        assert isinstance(documents, PostgresDocumentStore)
+        table = documents.table_stats([])["table"]
+    conn = psycopg2.connect(dsn, connect_timeout=10)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute(sql.SQL("ANALYZE {}").format(sql.Identifier(table)))
+    conn.close()
+
+
 def raw_import(dsn: str, table: str, path: Path) -> None:
     """The floor: each session and its messages in one transaction, one INSERT per session."""
     conn = psycopg2.connect(dsn, connect_timeout=10)
@@ -164,9 +178,10 @@ def raw_export(dsn: str, table: str) -> int:
         "SELECT id, data, created_at, child_seq FROM {} WHERE collection = 'sessions' "
         "AND (created_at, id) > (%s, %s) ORDER BY created_at, id LIMIT 100"
     ).format(t)
+    # The same expressions as the store's (conv, seq) index, so the floor is indexed too.
     messages = sql.SQL(
-        "SELECT data, created_at FROM {} WHERE collection = 'messages' AND data->>'conv' = %s "
-        "ORDER BY (data->'seq')"
+        "SELECT data, created_at FROM {} WHERE collection = 'messages' "
+        "AND (data #> ARRAY['conv']) = %s::jsonb ORDER BY (data #> ARRAY['seq'])"
     ).format(t)
     cursor = (datetime(1970, 1, 1, tzinfo=timezone.utc), "")
     with conn.cursor() as cur:
@@ -174,7 +189,7 @@ def raw_export(dsn: str, table: str) -> int:
             cur.execute(sessions, cursor)
             page = cur.fetchall()
             for session_id, data, created_at, counter in page:
-                cur.execute(messages, (data["_session"]["conv"],))
+                cur.execute(messages, (json.dumps(data["_session"]["conv"]),))
                 out.write(json.dumps([session_id, data, str(created_at), counter,
                                       [[m, str(c)] for m, c in cur.fetchall()]]))  # fmt: skip
                 out.write("\n")
@@ -199,6 +214,7 @@ def measure_size(dsn: str, messages: int, per_session: int, directory: Path) -> 
             report = import_sessions(store, lines)
         results["import_s"] = time.perf_counter() - started
         assert report.imported == messages // per_session and report.rejected == 0
+        analyze(dsn, store)
         out = io.StringIO()
         started = time.perf_counter()
         export_sessions(store, out)
@@ -219,6 +235,7 @@ def measure_size(dsn: str, messages: int, per_session: int, directory: Path) -> 
         started = time.perf_counter()
         raw_import(dsn, table, source)
         results["raw_import_s"] = time.perf_counter() - started
+        analyze(dsn, table)
         started = time.perf_counter()
         raw_export(dsn, table)
         results["raw_export_s"] = time.perf_counter() - started
