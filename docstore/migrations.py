@@ -41,6 +41,7 @@ __all__ = [
     "migrate",
     "migrate_dsn",
     "read_version",
+    "table_indexes",
 ]
 
 
@@ -133,6 +134,20 @@ MIGRATIONS: tuple[Migration, ...] = (
     ),
 )
 LATEST_VERSION = MIGRATIONS[-1].version
+
+# The table's own indexes after each step (`<table>_<suffix>`; ensure_index's
+# come on top): what `session-store doctor` expects. A step that adds or drops
+# an index changes this list with it.
+INDEXES_BY_VERSION: dict[int, tuple[str, ...]] = {
+    1: ("pkey", "data_gin", "created", "expiry"),
+    2: ("pkey", "data_gin", "created", "expiry", "updated"),
+}
+
+
+def table_indexes(table: str, version: int = LATEST_VERSION) -> list[str]:
+    """Return the names of the indexes the steps up to `version` give `table`."""
+    return [f"{table}_{suffix}" for suffix in INDEXES_BY_VERSION.get(version, ())]
+
 
 # How long a starting process waits for another one's migration before giving up.
 DEFAULT_LOCK_TIMEOUT = 300.0

@@ -23,7 +23,7 @@ import redis
 from psycopg2 import sql
 
 from docstore.config import MEMORY_URL, URL_VARIABLES
-from docstore.migrations import LATEST_VERSION, MIGRATIONS, read_version
+from docstore.migrations import LATEST_VERSION, MIGRATIONS, read_version, table_indexes
 from docstore.pool import connect_timeout_seconds
 from docstore.postgres import index_name
 
@@ -309,9 +309,7 @@ def _indexes(cur: Any, table: str, required: Sequence[str]) -> list[Finding]:
     found = dict(cur.fetchall())
     if not found and read_version(cur.connection, table) == 0:
         return []
-    expected = [f"{table}_pkey", f"{table}_data_gin", f"{table}_created", f"{table}_expiry"]
-    if LATEST_VERSION >= 2:
-        expected.append(f"{table}_updated")
+    expected = table_indexes(table, min(read_version(cur.connection, table), LATEST_VERSION))
     findings = []
     for name in sorted(name for name, valid in found.items() if not valid):
         findings.append(

@@ -24,6 +24,7 @@ from docstore.migrations import (
     migrate_dsn,
     read_version,
     schema_lock_name,
+    table_indexes,
 )
 
 pytestmark = pytest.mark.usefixtures("dsn")
@@ -191,3 +192,16 @@ def test_processes_starting_together_apply_each_step_once(dsn: str, table: str) 
 def test_steps_must_be_numbered_in_order(dsn: str, table: str) -> None:
     with pytest.raises(ValueError, match="1, 2, 3"):
         migrate_dsn(dsn, table, steps=(MIGRATIONS[1],))
+
+
+def test_the_index_list_matches_what_each_step_builds(dsn: str, table: str) -> None:
+    conn = connect(dsn)
+    try:
+        for version in range(1, LATEST_VERSION + 1):
+            migrate(conn, table, steps=MIGRATIONS[:version])
+            with conn.cursor() as cur:
+                cur.execute("SELECT indexname FROM pg_indexes WHERE tablename = %s", (table,))
+                found = sorted(row[0] for row in cur.fetchall())
+            assert found == sorted(table_indexes(table, version))
+    finally:
+        conn.close()
