@@ -28,17 +28,29 @@ something, `read` for `list_sessions`, and `error` when the call raised.
 
 from __future__ import annotations
 
+import contextvars
 import functools
-import threading
+import inspect
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
-from .store import STAT_NAMES, SessionStore, short_hash
+from .store import STAT_NAMES, short_hash
 
 __all__ = ["instrument", "OPERATIONS", "METRIC_PREFIX", "serve_metrics"]
 
 METRIC_PREFIX = "session_store"
+
+
+class Observable(Protocol):
+    """A SessionStore or an AsyncSessionStore: counters and a way to watch them move."""
+
+    def stats(self) -> dict[str, int]: ...
+
+    def add_counter_observer(self, observer: Callable[[str, int], None]) -> None: ...
+
+
+StoreT = TypeVar("StoreT", bound=Observable)
 
 # Public call -> the outcome it has when it does not raise (None: decided by the counters).
 OPERATIONS: dict[str, str | None] = {
@@ -66,10 +78,6 @@ _GAUGES = ("invalidations_pending", "breaker_open")
 BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
-class _Outcome(threading.local):
-    value: str | None = None
-
-
 def _tracer(tracer_provider: Any) -> Any:
     try:
         from opentelemetry import trace
@@ -79,14 +87,17 @@ def _tracer(tracer_provider: Any) -> Any:
 
 
 def instrument(
-    store: SessionStore,
+    store: StoreT,
     *,
     registry: Any = None,
     prometheus: bool = True,
     tracing: bool = True,
     tracer_provider: Any = None,
-) -> SessionStore:
+) -> StoreT:
     """Add metrics and spans to `store` (see the module docstring); return it.
+
+    `store` is a SessionStore, or an AsyncSessionStore (its coroutine methods
+    get coroutine wrappers).
 
     `registry` is the prometheus_client registry (default: the global one);
     one store per registry. `tracer_provider` defaults to OpenTelemetry's
@@ -96,12 +107,16 @@ def instrument(
     tracer = _tracer(tracer_provider) if tracing else None
     if histogram is None and tracer is None:
         return store
-    outcome = _Outcome()
+    # A context variable, not a thread-local: it follows each thread and each
+    # asyncio task, so concurrent calls never see each other's outcome.
+    outcome: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+        f"session_outcome_{id(store)}", default=None
+    )
 
     def observe(name: str, amount: int) -> None:
         found = _OUTCOME_OF_COUNTER.get(name)
         if found is not None:
-            outcome.value = found
+            outcome.set(found)
 
     store.add_counter_observer(observe)
     for name, fixed_outcome in OPERATIONS.items():
@@ -116,29 +131,46 @@ def _wrap(
     name: str,
     method: Callable[..., Any],
     fixed_outcome: str | None,
-    outcome: _Outcome,
+    outcome: contextvars.ContextVar[str | None],
     histogram: Any,
     tracer: Any,
 ) -> Callable[..., Any]:
     span_name = f"session.{name}"
 
+    def finish(label: str, started: float, span: Any) -> None:
+        if histogram is not None:
+            histogram.labels(name, label).observe(time.perf_counter() - started)
+        if span is not None:
+            span.set_attribute("session.outcome", label)
+
+    if inspect.iscoroutinefunction(method):
+
+        @functools.wraps(method)
+        async def call_async(*args: Any, **kwargs: Any) -> Any:
+            outcome.set(None)
+            started = time.perf_counter()
+            with _span(tracer, span_name, args) as span:
+                label = "error"
+                try:
+                    result = await method(*args, **kwargs)
+                    label = fixed_outcome or outcome.get() or "miss"
+                finally:
+                    finish(label, started, span)
+            return result
+
+        return call_async
+
     @functools.wraps(method)
     def call(*args: Any, **kwargs: Any) -> Any:
-        outcome.value = None
+        outcome.set(None)
         started = time.perf_counter()
         with _span(tracer, span_name, args) as span:
+            label = "error"
             try:
                 result = method(*args, **kwargs)
-            except BaseException:
-                label = "error"
-                raise
-            else:
-                label = fixed_outcome or outcome.value or "miss"
+                label = fixed_outcome or outcome.get() or "miss"
             finally:
-                if histogram is not None:
-                    histogram.labels(name, label).observe(time.perf_counter() - started)
-                if span is not None:
-                    span.set_attribute("session.outcome", label)
+                finish(label, started, span)
         return result
 
     return call
@@ -162,7 +194,7 @@ def _span(tracer: Any, name: str, args: tuple[Any, ...]) -> Any:
     return tracer.start_as_current_span(name, attributes=attributes)
 
 
-def _register_prometheus(store: SessionStore, registry: Any) -> Any:
+def _register_prometheus(store: Observable, registry: Any) -> Any:
     try:
         import prometheus_client
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily

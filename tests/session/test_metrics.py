@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import fakeredis
 import pytest
@@ -104,3 +105,24 @@ def test_nothing_changes_without_the_optional_packages(
     assert not set(OPERATIONS) & set(vars(store))
     created = store.create_session("u", {})
     assert store.get_session(created.id) is not None
+
+
+def test_outcomes_of_concurrent_calls_do_not_mix(store: SessionStore) -> None:
+    registry = CollectorRegistry()
+    instrument(store, registry=registry, tracing=False)
+    cached = store.create_session("u", {})
+    store.get_session(cached.id)  # filled: every later lookup is a hit
+    missing = [f"missing-{n}" for n in range(50)]
+
+    def work(index: int) -> None:
+        for n in range(50):
+            if index % 2:
+                store.get_session(cached.id)
+            else:
+                store.get_session(missing[n] + str(index))
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        list(pool.map(work, range(4)))
+    count = "session_store_operation_seconds_count"
+    assert sample(registry, count, operation="get_session", outcome="hit") == 100
+    assert sample(registry, count, operation="get_session", outcome="miss") == 101
