@@ -259,3 +259,11 @@ def test_which_names_are_in_the_layout(name: str, kind: str | None) -> None:
 
 def test_a_name_that_is_not_utf8_is_not_ours() -> None:
     assert fence_kind("p:", b"p:{\xff}:s") is None
+
+
+def test_every_key_the_store_writes_is_in_the_fence_layout() -> None:
+    # A key added to SessionKeys but not to the fence would be taken for a
+    # foreign key and survive a restart, stale.
+    keys = session_keys("p:", SESSION_ID)
+    assert all(fence_kind("p:", key.encode()) is not None for key in keys.all())
+    assert len(set(keys.all())) == len(keys.__dataclass_fields__)
