@@ -10,9 +10,10 @@ In-process, nothing to set up:
 Real servers, named by the same variables `get_session_store()` reads:
 
 - `postgres_url` / `redis_server_url`: `$POSTGRES_CONNECTION_STRING` / `$REDIS_URL`.
-- `postgres_table`: a table name no other test uses (`t_<uuid hex>`).
-- `postgres_docstore`: a `PostgresDocumentStore` on `postgres_table`, dropped afterwards.
-- `session_key_prefix`: a Redis key prefix of its own (`t<hex>:`).
+- `postgres_table`: a table name no other test uses (`t_<run tag><hex>`).
+- `postgres_docstore`: a `PostgresDocumentStore` on `postgres_table`; afterwards
+  the table and its `<table>_meta` companion are dropped.
+- `session_key_prefix`: a Redis key prefix of its own (`t<run tag><hex>:`).
 - `real_redis`: the fail-fast client `get_session_store()` would build;
   afterwards it deletes the keys under `session_key_prefix`, nothing else.
 - `real_session_store`: a `SessionStore` on `postgres_docstore` and `real_redis`.
@@ -22,11 +23,17 @@ reason, except when the environment variable `CI` is set: there it fails, so
 that a CI run cannot pass without having run it. Nothing is read from the
 environment or connected at import time; `session` and `docstore` are
 imported when a fixture first runs.
+
+Unique names carry the run tag from `$DOCSTORE_SESSION_TEST_RUN` (8 hex
+digits; empty when unset), so that a test run can tell the tables and keys it
+created from those of runs going on at the same time (`unique_table_name`,
+`unique_key_prefix`, `run_table_pattern`, `run_key_pattern`).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import uuid
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -42,7 +49,14 @@ if TYPE_CHECKING:
 __all__ = [
     "POSTGRES_VARIABLE",
     "REDIS_VARIABLE",
+    "RUN_VARIABLE",
     "server_url",
+    "run_tag",
+    "unique_table_name",
+    "unique_key_prefix",
+    "run_table_pattern",
+    "run_key_pattern",
+    "drop_postgres_tables",
     "docstore_memory",
     "fake_redis",
     "session_store",
@@ -57,6 +71,8 @@ __all__ = [
 
 POSTGRES_VARIABLE = "POSTGRES_CONNECTION_STRING"
 REDIS_VARIABLE = "REDIS_URL"
+RUN_VARIABLE = "DOCSTORE_SESSION_TEST_RUN"
+_RUN_TAG = re.compile(r"[0-9a-f]{8}")
 
 
 def server_url(variable: str, what: str) -> str:
@@ -67,6 +83,52 @@ def server_url(variable: str, what: str) -> str:
     if os.environ.get("CI"):
         pytest.fail(f"CI is set but {variable} is not: the tests that need {what} must run")
     pytest.skip(f"{variable} is not set: no {what} to test against")
+
+
+def run_tag() -> str:
+    """Return this test run's tag (`$DOCSTORE_SESSION_TEST_RUN`, 8 hex digits), or ""."""
+    tag = os.environ.get(RUN_VARIABLE, "")
+    return tag if _RUN_TAG.fullmatch(tag) else ""
+
+
+def unique_table_name() -> str:
+    """Return a table name no other test uses, tagged with the run (at most 34 characters)."""
+    tag = run_tag()
+    return f"t_{tag}_{uuid.uuid4().hex[:23]}" if tag else f"t_{uuid.uuid4().hex}"
+
+
+def unique_key_prefix() -> str:
+    """Return a Redis key prefix no other test uses, tagged with the run."""
+    tag = run_tag()
+    return f"t{tag}_{uuid.uuid4().hex[:12]}:" if tag else f"t{uuid.uuid4().hex[:12]}:"
+
+
+def run_table_pattern(tag: str) -> str:
+    """Return the SQL LIKE pattern of the tables named by `unique_table_name` in run `tag`."""
+    return f"t\\_{tag}\\_%"
+
+
+def run_key_pattern(tag: str) -> str:
+    """Return the SCAN MATCH pattern of the keys under `unique_key_prefix`es of run `tag`."""
+    return f"t{tag}_*"
+
+
+def drop_postgres_tables(dsn: str, tables: list[str]) -> None:
+    """Drop these document tables and their `<table>_meta` companions, if they exist."""
+    if not tables:
+        return
+    import psycopg2
+    from psycopg2 import sql
+
+    conn = psycopg2.connect(dsn, connect_timeout=10)
+    try:
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            for table in tables:
+                for name in (table, f"{table}_meta"):
+                    cur.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(name)))
+    finally:
+        conn.close()
 
 
 # --------------------------------------------------------------------------- in-process
@@ -125,36 +187,26 @@ def redis_server_url() -> str:
 @pytest.fixture
 def postgres_table() -> str:
     """Return a table name no other test uses."""
-    return f"t_{uuid.uuid4().hex}"
+    return unique_table_name()
 
 
 @pytest.fixture
 def postgres_docstore(postgres_url: str, postgres_table: str) -> Iterator[PostgresDocumentStore]:
-    """Return a PostgresDocumentStore on `postgres_table`; drop that table afterwards."""
-    import psycopg2
-    from psycopg2 import sql
-
+    """Return a PostgresDocumentStore on `postgres_table`; drop its tables afterwards."""
     from docstore import PostgresDocumentStore
 
-    table = postgres_table
-    store = PostgresDocumentStore(postgres_url, table=table)
+    store = PostgresDocumentStore(postgres_url, table=postgres_table)
     try:
         yield store
     finally:
         store.close()
-        conn = psycopg2.connect(postgres_url, connect_timeout=10)
-        try:
-            conn.autocommit = True
-            with conn.cursor() as cur:
-                cur.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(table)))
-        finally:
-            conn.close()
+        drop_postgres_tables(postgres_url, [postgres_table])
 
 
 @pytest.fixture
 def session_key_prefix() -> str:
     """Return a Redis key prefix no other test uses."""
-    return f"t{uuid.uuid4().hex[:12]}:"
+    return unique_key_prefix()
 
 
 @pytest.fixture

@@ -6,20 +6,50 @@
   that need it are skipped, except when CI is set: then they fail, so that CI
   can never pass without having run them.
 
-Each `PostgresDocumentStore` a test builds gets its own table `t_<uuid hex>`;
-`postgres_tables.postgres_store_factory` drops exactly those tables afterwards,
-never anything else.
+Each `PostgresDocumentStore` a test builds gets its own table
+(`unique_table()`), each test its own key prefix (`unique_key_prefix()`);
+the test drops exactly those afterwards, never anything else. The names carry
+this run's tag (`$DOCSTORE_SESSION_TEST_RUN`, set below), and with real
+servers configured the run fails if any table or key so named is left over
+at its end (`nothing_left_behind`).
 """
 
 from __future__ import annotations
 
+import os
+import secrets
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from leftovers import left_behind
 
-from session.pytest_plugin import server_url
+from session.pytest_plugin import REDIS_VARIABLE, RUN_VARIABLE, run_tag, server_url
 
 REAL_SERVER_VARIABLE = "POSTGRES_CONNECTION_STRING"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Tag the names this run creates; subprocesses (pytester, examples) inherit the tag."""
+    os.environ[RUN_VARIABLE] = secrets.token_hex(4)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_left_behind() -> Iterator[None]:
+    """With real servers: fail the run if a table or Redis key it created is still there.
+
+    Only this run's names count (other runs share the servers at the same time).
+    Set up before any other fixture of the session, so torn down after all of them.
+    """
+    dsn = os.environ.get(REAL_SERVER_VARIABLE) or None
+    redis_url = os.environ.get(REDIS_VARIABLE) or None
+    tag = run_tag()
+    before = set(left_behind(dsn, redis_url, tag))
+    yield
+    left = [name for name in left_behind(dsn, redis_url, tag) if name not in before]
+    if left:
+        shown = ", ".join(left[:20]) + (f" and {len(left) - 20} more" if len(left) > 20 else "")
+        pytest.fail(f"this test run left {len(left)} tables/keys behind: {shown}", pytrace=False)
 
 
 @pytest.fixture(scope="session")

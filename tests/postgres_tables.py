@@ -2,35 +2,24 @@
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import psycopg2
-from psycopg2 import sql
-
 from docstore import DocumentStore, PostgresDocumentStore
+from session.pytest_plugin import drop_postgres_tables, unique_table_name
 
 __all__ = ["unique_table", "drop_tables", "postgres_store_factory"]
 
 
 def unique_table() -> str:
-    return f"t_{uuid.uuid4().hex}"
+    """Return a table name of this test run's own (see `session.pytest_plugin`)."""
+    return unique_table_name()
 
 
 def drop_tables(dsn: str, tables: list[str]) -> None:
-    """Drop exactly these tables (created by the tests), if they exist."""
-    if not tables:
-        return
-    conn = psycopg2.connect(dsn, connect_timeout=10)
-    try:
-        conn.autocommit = True
-        with conn.cursor() as cur:
-            for table in tables:
-                cur.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(table)))
-    finally:
-        conn.close()
+    """Drop exactly these tables (created by the tests) and their `_meta` tables, if they exist."""
+    drop_postgres_tables(dsn, tables)
 
 
 @contextmanager

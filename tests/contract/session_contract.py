@@ -46,6 +46,7 @@ from session import (
     VersionConflict,
 )
 from session.coherence import session_keys
+from session.pytest_plugin import unique_key_prefix
 from session.serializer import TOMBSTONE, decode_message, decode_session, encode_message
 
 __all__ = [
@@ -256,7 +257,7 @@ class SessionStoreContract:
 
     @pytest.fixture
     def key_prefix(self, cleanup_cache: redis.Redis | None) -> Iterator[str]:
-        prefix = f"t{uuid.uuid4().hex[:12]}:"
+        prefix = unique_key_prefix()
         yield prefix
         if cleanup_cache is not None:
             # Only this test's keys, never a flush. A Redis error here is the

@@ -20,7 +20,6 @@ import queue
 import subprocess
 import sys
 import threading
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,6 +34,7 @@ from postgres_tables import postgres_store_factory
 from docstore import DocumentStore, MemoryDocumentStore
 from session import SessionStore, get_session_store
 from session.config import redis_client_from_url
+from session.pytest_plugin import unique_key_prefix
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "chat_service.py"
 SERVER_VARIABLES = ("POSTGRES_CONNECTION_STRING", "DATABASE_URL", "REDIS_URL")
@@ -116,7 +116,7 @@ REAL_SERVERS = (pytest.mark.postgres, pytest.mark.redis)
     ]
 )
 def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
-    prefix = f"t{uuid.uuid4().hex[:12]}:"
+    prefix = unique_key_prefix()
     if request.param == "memory":
         with fake_caches() as caches:
             yield Backend(MemoryDocumentStore(), caches, prefix)
@@ -253,7 +253,7 @@ def process_backend(
     request: pytest.FixtureRequest,
 ) -> Iterator[tuple[dict[str, str], Callable[[], None], str]]:
     """Yield (env of the service, flush its cache, its key prefix)."""
-    prefix = f"t{uuid.uuid4().hex[:12]}:"
+    prefix = unique_key_prefix()
     env = {k: v for k, v in os.environ.items() if k not in SERVER_VARIABLES}
     if request.param == "embedded+fakeredis":
         env["POSTGRES_CONNECTION_STRING"] = request.getfixturevalue("embedded_dsn")

@@ -25,7 +25,6 @@ import queue
 import threading
 import time
 import traceback
-import uuid
 from bisect import bisect_left
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -36,11 +35,12 @@ from typing import Any
 import fakeredis
 import pytest
 import redis
-from postgres_tables import drop_tables
+from postgres_tables import drop_tables, unique_table
 
 from docstore import PostgresDocumentStore
 from session import SessionStore
 from session.coherence import session_keys
+from session.pytest_plugin import unique_key_prefix
 
 pytestmark = pytest.mark.slow
 
@@ -310,17 +310,16 @@ def make_setup(dsn: str) -> Iterator[Callable[[str | None, redis.Redis | None], 
     cleanups: list[Callable[[], None]] = []
 
     def make(redis_url: str | None, cache: redis.Redis | None) -> Setup:
-        suffix = uuid.uuid4().hex[:12]
-        table = f"t_{uuid.uuid4().hex}"
+        table = unique_table()
         tables.append(table)
         docs = PostgresDocumentStore(dsn, table=table)
         setup = Setup(
             dsn=dsn,
             table=table,
             redis_url=redis_url,
-            key_prefix=f"t{suffix}:",
-            sessions_collection=f"sessions_{suffix}",
-            messages_collection=f"messages_{suffix}",
+            key_prefix=unique_key_prefix(),
+            sessions_collection=f"sessions_{table}",
+            messages_collection=f"messages_{table}",
             session_ids=(),
         )
         store = SessionStore(

@@ -15,7 +15,6 @@ a key prefix of the test's own; SCRIPT FLUSH only on fakeredis.
 from __future__ import annotations
 
 import logging
-import uuid
 from collections.abc import Iterator
 from datetime import datetime, timezone
 
@@ -38,7 +37,7 @@ from session.coherence import (
 )
 from session.config import redis_client_from_url
 from session.models import SessionState
-from session.pytest_plugin import REDIS_VARIABLE, server_url
+from session.pytest_plugin import REDIS_VARIABLE, server_url, unique_key_prefix
 from session.serializer import TOMBSTONE, encode_message, encode_session
 
 SESSION_ID = "A" * 43
@@ -135,7 +134,7 @@ def client(request: pytest.FixtureRequest) -> Iterator[redis.Redis]:
 @pytest.fixture
 def prefix(client: redis.Redis) -> Iterator[str]:
     """A key prefix of this test's own; everything under it is deleted afterwards."""
-    name = f"t{uuid.uuid4().hex[:12]}:"
+    name = unique_key_prefix()
     yield name
     keys = list(client.scan_iter(match=f"{name}*", count=1000))
     if keys:
@@ -218,7 +217,7 @@ def test_check_on_a_real_redis_leaves_foreign_keys_alone(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     url = server_url(REDIS_VARIABLE, "real Redis server")
-    prefix = f"t{uuid.uuid4().hex[:12]}:"
+    prefix = unique_key_prefix()
     with redis_client_from_url(url) as client:
         foreign = foreign_keys(prefix)
         plant(client, foreign)

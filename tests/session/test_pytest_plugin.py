@@ -150,8 +150,9 @@ def test_real_fixtures_clean_up_only_what_they_made(
     conn = psycopg2.connect(real_dsn, connect_timeout=10)
     try:
         with conn.cursor() as cur:
-            cur.execute("SELECT to_regclass(%s)", (seen["table"],))
-            assert cur.fetchone() == (None,)
+            for table in (seen["table"], f"{seen['table']}_meta"):
+                cur.execute("SELECT to_regclass(%s)", (table,))
+                assert cur.fetchone() == (None,), f"{table} was left behind"
     finally:
         conn.close()
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 from typing import Any
 
 import fakeredis
@@ -13,6 +12,7 @@ import session.config
 from docstore import MemoryDocumentStore
 from session import SessionStore, get_session_store
 from session.config import REDIS_SOCKET_TIMEOUT, redis_client_from_url
+from session.pytest_plugin import unique_key_prefix
 
 
 def test_default_client_fails_fast() -> None:
@@ -64,7 +64,7 @@ def test_get_session_store_without_redis_url(
 
 def test_get_session_store_with_redis_url(redis_url: str, docstore_urls: list[str | None]) -> None:
     with get_session_store(
-        docstore_url="memory://", redis_url=redis_url, key_prefix=f"cfg{uuid.uuid4().hex[:12]}:"
+        docstore_url="memory://", redis_url=redis_url, key_prefix=unique_key_prefix()
     ) as store:
         created = store.create_session()
         assert store.get_session(created.id) == created
