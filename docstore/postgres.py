@@ -68,7 +68,7 @@ from .store import (
 )
 from .watchdog import StatementWatchdog
 
-__all__ = ["PostgresDocumentStore", "SCHEMA_VERSION", "index_name"]
+__all__ = ["PostgresDocumentStore", "SCHEMA_VERSION", "index_name", "check_table_name"]
 
 logger = logging.getLogger(__name__)
 
@@ -195,6 +195,18 @@ class _TransactionState(threading.local):
     broken: bool = False
 
 
+def check_table_name(table: object) -> str:
+    """Return `table` if it can name a store's table, else raise InvalidDocument.
+
+    At most 40 characters, so that the names of its indexes and of `<table>_meta`
+    fit PostgreSQL's 63-byte identifiers.
+    """
+    name = check_name("table", table)
+    if len(name) > 40:
+        raise InvalidDocument("table name is longer than 40 characters")
+    return name
+
+
 class PostgresDocumentStore(DocumentStore):
     """Documents in one PostgreSQL table (`data JSONB`), through a small connection pool.
 
@@ -215,9 +227,7 @@ class PostgresDocumentStore(DocumentStore):
         max_document_bytes: int = DEFAULT_MAX_DOCUMENT_BYTES,
         prepare_statements: bool = True,
     ) -> None:
-        check_name("table", table)
-        if len(table) > 40:
-            raise InvalidDocument("table name is longer than 40 characters")
+        check_table_name(table)
         if connect_timeout <= 0 or statement_timeout <= 0:
             raise ValueError("connect_timeout and statement_timeout must be positive")
         try:

@@ -1,8 +1,9 @@
 """`python -m session` / `session-store`: look at sessions and run the store, for operators.
 
 Every command works on the store `open_store()` builds from the environment
-(`POSTGRES_CONNECTION_STRING` or `DATABASE_URL`, `REDIS_URL`,
-`DOCSTORE_DATA_DIR`, `SESSION_KEY_PREFIX`) and the `--key-prefix` option.
+(`POSTGRES_CONNECTION_STRING` or `DATABASE_URL`, `DOCSTORE_TABLE`,
+`REDIS_URL`, `DOCSTORE_DATA_DIR`, `SESSION_KEY_PREFIX`) and the
+`--key-prefix` option.
 Results are printed as JSON on stdout (one object per line for lists), except
 the demo's narration and the human tables of `stats` and `doctor` (each has
 `--json`); errors are one line on stderr, progress bars and counts of the long
@@ -36,7 +37,8 @@ from pathlib import Path
 from typing import IO, Any
 
 import docstore
-from docstore.config import MEMORY_URL, URL_VARIABLES
+from docstore.config import MEMORY_URL, TABLE_VARIABLE, URL_VARIABLES
+from docstore.postgres import check_table_name
 
 from . import demo
 from .config import (
@@ -103,6 +105,9 @@ def store_options(args: argparse.Namespace) -> StoreOptions:
                 _checked(variable, check_postgres_dsn, value)
             docstore_url = value
             break
+    table = os.environ.get(TABLE_VARIABLE)
+    if table:
+        _checked(TABLE_VARIABLE, check_table_name, table)
     redis_url = os.environ.get(REDIS_VARIABLE) or None
     if redis_url is not None:
         _checked(REDIS_VARIABLE, check_redis_url, redis_url)
@@ -115,7 +120,7 @@ def store_options(args: argparse.Namespace) -> StoreOptions:
     return StoreOptions(docstore_url=docstore_url, redis_url=redis_url, key_prefix=key_prefix)
 
 
-def _checked(name: str, check: Callable[[str], None], value: str) -> None:
+def _checked(name: str, check: Callable[[str], object], value: str) -> None:
     try:
         check(value)
     except ValueError as exc:

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+from postgres_tables import drop_tables, unique_table
 
 from docstore import (
     DocstoreError,
@@ -103,3 +104,20 @@ def test_an_unparsable_url_is_named_without_its_password(url: str) -> None:
         get_document_store(url)
     assert "invalid PostgreSQL connection string" in str(raised.value)
     assert "hunter2" not in str(raised.value)
+
+
+@pytest.mark.postgres
+def test_the_table_comes_from_the_argument_else_docstore_table(
+    real_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from_variable, from_argument = unique_table(), unique_table()
+    monkeypatch.setenv("DOCSTORE_TABLE", from_variable)
+    try:
+        with get_document_store(real_dsn) as store:
+            store.create("c", {"a": 1}, id="x")
+        with get_document_store(real_dsn, table=from_argument) as store:
+            assert store.read("c", "x") is None
+        with PostgresDocumentStore(real_dsn, table=from_variable) as store:
+            assert store.read("c", "x") is not None
+    finally:
+        drop_tables(real_dsn, [from_variable, from_argument])

@@ -27,7 +27,13 @@ from session.cli import EXIT_FAILED, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE, main
 from session.config import describe_backends
 from session.store import short_hash
 
-SERVER_VARIABLES = ("POSTGRES_CONNECTION_STRING", "DATABASE_URL", "REDIS_URL", "SESSION_KEY_PREFIX")
+SERVER_VARIABLES = (
+    "POSTGRES_CONNECTION_STRING",
+    "DATABASE_URL",
+    "DOCSTORE_TABLE",
+    "REDIS_URL",
+    "SESSION_KEY_PREFIX",
+)
 
 
 @pytest.fixture
@@ -76,9 +82,7 @@ def shared_store(
         opened_prefixes.append(key_prefix)
         client = fakeredis.FakeRedis(server=server)
         clients.append(client)
-        return SessionStore(
-            documents, client, owns_cache=True, key_prefix=key_prefix, clock=clock
-        )
+        return SessionStore(documents, client, owns_cache=True, key_prefix=key_prefix, clock=clock)
 
     clean_env.setattr(session.cli, "get_session_store", open_store)
     with open_store() as store:
@@ -247,6 +251,7 @@ MALFORMED = [
     ("POSTGRES_CONNECTION_STRING", "postgresql://app:hunter2@db:port/chat"),
     ("DATABASE_URL", "host=db password='hunter2"),
     ("SESSION_KEY_PREFIX", "app{hunter2}:"),
+    ("DOCSTORE_TABLE", "hunter2" * 6),  # longer than 40 characters
 ]
 
 

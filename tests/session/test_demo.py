@@ -22,8 +22,15 @@ from docstore import PostgresDocumentStore
 from session import SessionStore
 from session.cli import EXIT_FAILED, main
 from session.demo import recover
+from session.pytest_plugin import drop_postgres_tables
 
-SERVER_VARIABLES = ("POSTGRES_CONNECTION_STRING", "DATABASE_URL", "REDIS_URL", "SESSION_KEY_PREFIX")
+SERVER_VARIABLES = (
+    "POSTGRES_CONNECTION_STRING",
+    "DATABASE_URL",
+    "DOCSTORE_TABLE",
+    "REDIS_URL",
+    "SESSION_KEY_PREFIX",
+)
 # A session id: 32 random bytes, URL-safe base64 without padding.
 STEP_LINE = re.compile(r"^  (\S.{33}) .*\[(.*)\]$", re.MULTILINE)
 SESSION_ID = re.compile(r"(?<![A-Za-z0-9_-])[A-Za-z0-9_-]{43}(?![A-Za-z0-9_-])")
@@ -83,12 +90,17 @@ def test_demo_on_the_embedded_defaults(embedded_dsn: str, embedded_data_dir: Pat
 @pytest.mark.postgres
 @pytest.mark.redis
 def test_demo_on_real_servers(
-    real_dsn: str, redis_server_url: str, real_redis: redis.Redis, session_key_prefix: str
+    real_dsn: str,
+    redis_server_url: str,
+    real_redis: redis.Redis,
+    session_key_prefix: str,
+    postgres_table: str,
 ) -> None:
-    # Its own key prefix (`real_redis` deletes what is under it afterwards): never
-    # the default one, which other users of this shared Redis may hold.
+    # Its own table and key prefix (`real_redis` deletes what is under the prefix
+    # afterwards): never the defaults, which other users of these shared servers hold.
     env = server_free_env() | {
         "POSTGRES_CONNECTION_STRING": real_dsn,
+        "DOCSTORE_TABLE": postgres_table,
         "REDIS_URL": redis_server_url,
         "SESSION_KEY_PREFIX": session_key_prefix,
     }
@@ -98,7 +110,10 @@ def test_demo_on_real_servers(
         f"{session_key_prefix}{{x}}": b"me too",
     }
     real_redis.mset(foreign)
-    output = run_demo(env)
+    try:
+        output = run_demo(env)
+    finally:
+        drop_postgres_tables(real_dsn, [postgres_table])
     assert "(from POSTGRES_CONNECTION_STRING)" in output and "(from REDIS_URL)" in output
     assert_a_good_run(output)
     assert real_redis.mget(list(foreign)) == list(foreign.values())
