@@ -29,7 +29,7 @@ from typing import IO, Any
 import fakeredis
 import pytest
 import redis
-from postgres_tables import postgres_store_factory
+from postgres_tables import drop_tables, postgres_store_factory, unique_table
 
 from docstore import DocumentStore, MemoryDocumentStore
 from session import SessionStore, get_session_store
@@ -37,7 +37,7 @@ from session.config import redis_client_from_url
 from session.pytest_plugin import unique_key_prefix
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "chat_service.py"
-SERVER_VARIABLES = ("POSTGRES_CONNECTION_STRING", "DATABASE_URL", "REDIS_URL")
+SERVER_VARIABLES = ("POSTGRES_CONNECTION_STRING", "DATABASE_URL", "DOCSTORE_TABLE", "REDIS_URL")
 CONVERSATIONS = 3
 TURNS = 4
 
@@ -261,6 +261,8 @@ def process_backend(
         yield env, lambda: None, prefix
         return
     env["POSTGRES_CONNECTION_STRING"] = request.getfixturevalue("real_dsn")
+    # A table of its own on the shared server, never its default one.
+    env["DOCSTORE_TABLE"] = unique_table()
     env["REDIS_URL"] = request.getfixturevalue("redis_url")
     client = redis_client_from_url(env["REDIS_URL"])
     try:
@@ -268,6 +270,7 @@ def process_backend(
     finally:
         delete_keys(client, prefix)
         client.close()
+        drop_tables(env["POSTGRES_CONNECTION_STRING"], [env["DOCSTORE_TABLE"]])
 
 
 def test_killed_and_restarted_service_keeps_every_conversation(
@@ -314,7 +317,9 @@ def test_killed_and_restarted_service_keeps_every_conversation(
 
 
 def cleanup(env: dict[str, str], prefix: str, ids: list[str]) -> None:
-    """Delete the sessions the service created (they live in the default table)."""
+    """Delete the sessions the service created (on the embedded server: in its default table)."""
+    if "DOCSTORE_TABLE" in env:
+        return  # the table is dropped
     with get_session_store(
         docstore_url=env["POSTGRES_CONNECTION_STRING"],
         redis_url=env.get("REDIS_URL", ""),  # "": in-process, even if this process has one
