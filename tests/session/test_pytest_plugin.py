@@ -19,6 +19,7 @@ import redis
 
 from docstore import MemoryDocumentStore, PostgresDocumentStore
 from session import SessionStore
+from session.pytest_plugin import run_tag
 
 pytest_plugins = ["pytester"]
 
@@ -96,8 +97,11 @@ def test_a_fresh_test_file_gets_the_fixtures(pytester: pytest.Pytester) -> None:
     prefixes = [entry["prefix"] for entry in seen]
     tables = [entry["table"] for entry in seen]
     assert len(set(prefixes)) == 3 and len(set(tables)) == 3
-    assert all(re.fullmatch(r"t[0-9a-f]{12}:", prefix) for prefix in prefixes)
-    assert all(re.fullmatch(r"t_[0-9a-f]{32}", table) for table in tables)
+    # The inner run inherited this run's tag (tests/conftest.py), which every name carries.
+    tag = run_tag()
+    assert re.fullmatch(r"[0-9a-f]{8}", tag)
+    assert all(re.fullmatch(rf"t{tag}_[0-9a-f]{{12}}:", prefix) for prefix in prefixes)
+    assert all(re.fullmatch(rf"t_{tag}_[0-9a-f]{{23}}", table) for table in tables)
 
 
 def test_fake_redis_without_fakeredis_is_an_error_not_a_skip(
