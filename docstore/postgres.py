@@ -597,23 +597,31 @@ class PostgresDocumentStore(DocumentStore):
         text = encode_data(data, self._max_document_bytes)
         version = _check_version(expected_version)
         ttl_seconds = check_ttl(ttl)
-        new_data = sql.SQL("data || %s::jsonb" if merge else "%s::jsonb")
         params: list[Any] = [text]
-        assignments = [sql.SQL("data = {}").format(new_data)]
         if ttl_seconds is not None:
-            assignments.append(sql.SQL("expires_at = {}").format(_expiry_sql(ttl_seconds, params)))
+            params.append(ttl_seconds)
         params.extend([collection, id])
-        guards = [_LIVE]
         if merge:
             # The merged document must respect the size limit too.
-            guards.append(sql.SQL("octet_length((data || %s::jsonb)::text) <= %s"))
             params.extend([text, self._max_document_bytes])
         if version is not None:
-            guards.append(sql.SQL("version = %s"))
             params.append(version)
-        statement = self._hot(
-            ("modify", merge, ttl_seconds is None, version is None),
-            lambda: sql.SQL(
+
+        def build() -> sql.Composable:
+            # Composed only when the statement is first rendered: formatting costs
+            # more than the rest of the call.
+            new_data = sql.SQL("data || %s::jsonb" if merge else "%s::jsonb")
+            assignments = [sql.SQL("data = {}").format(new_data)]
+            if ttl_seconds is not None:
+                assignments.append(
+                    sql.SQL("expires_at = {}").format(_expiry_sql(ttl_seconds, []))
+                )
+            guards = [_LIVE]
+            if merge:
+                guards.append(sql.SQL("octet_length((data || %s::jsonb)::text) <= %s"))
+            if version is not None:
+                guards.append(sql.SQL("version = %s"))
+            return sql.SQL(
                 "UPDATE {t} SET {assignments}, updated_at = now(), version = version + 1 "
                 "WHERE collection = %s AND id = %s AND {guards} RETURNING {cols}"
             ).format(
@@ -621,8 +629,9 @@ class PostgresDocumentStore(DocumentStore):
                 assignments=sql.SQL(", ").join(assignments),
                 guards=sql.SQL(" AND ").join(guards),
                 cols=_COLUMNS,
-            ),
-        )
+            )
+
+        statement = self._hot(("modify", merge, ttl_seconds is None, version is None), build)
         rows = self._write_with_unique_retry(collection, statement, params)
         if rows:
             return _to_document(rows[0])
@@ -976,9 +985,9 @@ class PostgresDocumentStore(DocumentStore):
         params: list[Any] = [collection, child_id]
         parent_expiry: sql.Composable = sql.SQL("")
         if parent_ttl_seconds is not None:
-            parent_expiry = sql.SQL(", expires_at = {}").format(
-                _expiry_sql(parent_ttl_seconds, params)
-            )
+            # The SQL only for the first rendering below; the parameter every time.
+            parent_expiry = sql.SQL(", expires_at = (now() + %s * interval '1 second')")
+            params.append(parent_ttl_seconds)
         params.extend([parent_collection, parent_id])
         params.extend([collection, child_id, text, parent_id])
         expiry = _expiry_sql(ttl_seconds, params)

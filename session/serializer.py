@@ -14,12 +14,11 @@ checking msgpack's output. Nothing is ever unpickled.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import msgpack
 
-from docstore.store import decode_json
+from docstore.store import decode_json, encode_json
 
 from .models import Message, Session, SessionState, from_micros, to_micros
 
@@ -85,7 +84,7 @@ def _is_int(value: object) -> bool:
 
 def _json_text(value: dict[str, Any]) -> str:
     try:
-        return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+        return encode_json(value)
     except (TypeError, ValueError) as exc:
         raise EncodeError(f"cannot encode a cache value: {type(exc).__name__}") from exc
 
