@@ -27,10 +27,13 @@ In short (memcache leases plus version fencing):
 
 from __future__ import annotations
 
+import itertools
+import os
 import secrets
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import NamedTuple
 
 from .serializer import FORMAT_VERSION, TOMBSTONE
 
@@ -39,6 +42,7 @@ __all__ = [
     "glob_escape",
     "SessionKeys",
     "session_keys",
+    "session_value_keys",
     "check_key_prefix",
     "fence_kind",
     "FenceResult",
@@ -106,6 +110,13 @@ def check_key_prefix(key_prefix: object) -> None:
         raise ValueError("a key prefix must be a str without braces")
 
 
+def session_value_keys(key_prefix: str, session_id: str) -> tuple[str, str]:
+    """Return the value and lease keys of a session (`session_keys`' first two), for
+    the session-only scripts on the hot path."""
+    base = f"{key_prefix}{{{session_id}}}"
+    return f"{base}:s", f"{base}:s:lease"
+
+
 def session_keys(key_prefix: str, session_id: str) -> SessionKeys:
     """Return the keys of a session.
 
@@ -122,9 +133,35 @@ def session_keys(key_prefix: str, session_id: str) -> SessionKeys:
     )
 
 
+class _LeaseTokens:
+    """Tokens unique to this process: a random 128-bit prefix plus a counter.
+
+    Drawing 16 random bytes per lookup (a system call) cost more than the
+    rest of building a cache hit's request. A token needs to be unique, not
+    secret: whoever can read Redis sees every lease anyway. A forked child
+    draws a new prefix, so parent and child never share a token.
+    """
+
+    def __init__(self) -> None:
+        self.reseed()
+
+    def reseed(self) -> None:
+        self.prefix = secrets.token_hex(16) + ":"
+        self.counter = itertools.count()
+
+    def next(self) -> str:
+        # next() on itertools.count is atomic under the GIL: no lock needed.
+        return f"{self.prefix}{next(self.counter):x}"
+
+
+_LEASE_TOKENS = _LeaseTokens()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_LEASE_TOKENS.reseed)
+
+
 def new_lease_token() -> str:
     """Return a fill-lease token no other reader can hold."""
-    return secrets.token_hex(16)
+    return _LEASE_TOKENS.next()
 
 
 def cache_px(expires_at_us: int | None, now_us: int, cache_ttl: float) -> int | None:
@@ -667,9 +704,12 @@ def read_session_args(token: str, lease_ms: int, *, drop_value: bytes = b"") -> 
     return [token, lease_ms, drop_value] if drop_value else [token, lease_ms]
 
 
-@dataclass(frozen=True)
-class ReadReply:
-    """The READ script's reply, decoded into what the client must do next."""
+class ReadReply(NamedTuple):
+    """The READ script's reply, decoded into what the client must do next.
+
+    A named tuple, not a dataclass: one is built on every cache hit, and a
+    tuple is built in C.
+    """
 
     session: SessionRead
     value: bytes | None

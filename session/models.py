@@ -16,6 +16,8 @@ __all__ = [
     "EPOCH",
     "to_micros",
     "from_micros",
+    "new_session",
+    "new_state",
     "session_state_from_document",
     "message_from_document",
 ]
@@ -71,13 +73,51 @@ def to_micros(moment: datetime) -> int:
 
 def from_micros(micros: int) -> datetime:
     """Return the UTC datetime of integer microseconds since the Unix epoch."""
-    return EPOCH + timedelta(microseconds=micros)
+    return EPOCH + timedelta(0, 0, micros)  # positional: no keyword parsing
 
 
 def _utc(moment: datetime) -> datetime:
     # Both tiers must return equal objects, so every timestamp takes the same
-    # round trip through microseconds that the cache encoding does.
+    # round trip through microseconds that the cache encoding does: a UTC
+    # datetime (what PostgreSQL and the memory store hand out) already has.
+    if moment.tzinfo is timezone.utc:
+        return moment
     return from_micros(to_micros(moment))
+
+
+_new_object = object.__new__
+
+
+def new_session(
+    session_id: str,
+    user_id: str | None,
+    data: dict[str, Any],
+    created_at: datetime,
+    updated_at: datetime,
+    expires_at: datetime | None,
+    version: int,
+) -> Session:
+    """Return a `Session` built from checked values, without the frozen dataclass's
+    seven `object.__setattr__` calls (it is built on every cache hit)."""
+    session: Session = _new_object(Session)
+    fields = session.__dict__
+    fields["id"] = session_id
+    fields["user_id"] = user_id
+    fields["data"] = data
+    fields["created_at"] = created_at
+    fields["updated_at"] = updated_at
+    fields["expires_at"] = expires_at
+    fields["version"] = version
+    return session
+
+
+def new_state(session: Session, conversation: str) -> SessionState:
+    """Return a `SessionState` (see `new_session`)."""
+    state: SessionState = _new_object(SessionState)
+    fields = state.__dict__
+    fields["session"] = session
+    fields["conversation"] = conversation
+    return state
 
 
 def session_state_from_document(doc: Document, session_id: str) -> SessionState | None:
@@ -89,17 +129,18 @@ def session_state_from_document(doc: Document, session_id: str) -> SessionState 
     conversation = reserved.get("conv")
     if not (user_id is None or isinstance(user_id, str)) or not isinstance(conversation, str):
         return None
-    data = {key: value for key, value in doc.data.items() if key != RESERVED_KEY}
-    session = Session(
-        id=session_id,
-        user_id=user_id,
-        data=data,
-        created_at=_utc(doc.created_at),
-        updated_at=_utc(doc.updated_at),
-        expires_at=None if doc.expires_at is None else _utc(doc.expires_at),
-        version=doc.version,
+    data = dict(doc.data)
+    del data[RESERVED_KEY]
+    session = new_session(
+        session_id,
+        user_id,
+        data,
+        _utc(doc.created_at),
+        _utc(doc.updated_at),
+        None if doc.expires_at is None else _utc(doc.expires_at),
+        doc.version,
     )
-    return SessionState(session=session, conversation=conversation)
+    return new_state(session, conversation)
 
 
 def message_from_document(doc: Document, session_id: str) -> Message | None:

@@ -14,13 +14,15 @@ checking msgpack's output. Nothing is ever unpickled.
 
 from __future__ import annotations
 
-from typing import Any
+import json
+import json.scanner
+from typing import Any, cast
 
 import msgpack
 
-from docstore.store import decode_json, encode_json
+from docstore.store import encode_json
 
-from .models import Message, Session, SessionState, from_micros, to_micros
+from .models import Message, SessionState, from_micros, new_session, new_state, to_micros
 
 __all__ = [
     "FORMAT_VERSION",
@@ -45,6 +47,15 @@ _MAX_BIGINT = 2**63 - 1
 TOMBSTONE: bytes = msgpack.packb([FORMAT_VERSION, None], use_bin_type=True)
 
 
+# json's C scanner with its own integer parsing. The docstore's decoder also
+# turns integers beyond 64 bits into floats, a check that costs a sixth of
+# decoding a session; a value this store encoded holds none (the docstore
+# refuses them on the way in and reads them back as floats), and what a forged
+# value holds is still only JSON. (The text is our compact encoding: no
+# surrounding whitespace.)
+_SCAN_JSON = json.scanner.make_scanner(cast(Any, json.JSONDecoder()))
+
+
 class DecodeError(ValueError):
     """A cached value that is garbage, of another format version, or of the wrong shape."""
 
@@ -65,7 +76,9 @@ def _unpack(raw: object, fields: int) -> list[Any]:
     if not isinstance(raw, bytes):
         raise DecodeError(f"a cached value must be bytes, not {type(raw).__name__}")
     try:
-        value = msgpack.unpackb(raw, raw=False, use_list=True, strict_map_key=True)
+        # raw=False, use_list=True and strict_map_key=True are msgpack's defaults;
+        # spelling them out costs a keyword parse per value.
+        value = msgpack.unpackb(raw)
     except (ValueError, TypeError, msgpack.UnpackException) as exc:
         raise DecodeError(f"not msgpack: {type(exc).__name__}") from exc
     if not isinstance(value, list) or not value:
@@ -93,9 +106,11 @@ def _require_dict(text: object) -> dict[str, Any]:
     if not isinstance(text, str):
         raise DecodeError(f"expected JSON text, got {type(text).__name__}")
     try:
-        value = decode_json(text)
-    except (ValueError, RecursionError) as exc:
+        value, end = _SCAN_JSON(text, 0)
+    except (StopIteration, ValueError, RecursionError) as exc:
         raise DecodeError("not JSON") from exc
+    if end != len(text):
+        raise DecodeError("not JSON")
     if not isinstance(value, dict):
         raise DecodeError(f"expected an object, got {type(value).__name__}")
     return value
@@ -129,18 +144,18 @@ def decode_session(raw: object, session_id: str) -> SessionState:
     if not _is_int(created) or not _is_int(updated) or not (expires is None or _is_int(expires)):
         raise DecodeError("bad timestamps")
     try:
-        session = Session(
-            id=session_id,
-            user_id=user_id,
-            data=_require_dict(data),
-            created_at=from_micros(created),
-            updated_at=from_micros(updated),
-            expires_at=None if expires is None else from_micros(expires),
-            version=version,
+        session = new_session(
+            session_id,
+            user_id,
+            _require_dict(data),
+            from_micros(created),
+            from_micros(updated),
+            None if expires is None else from_micros(expires),
+            version,
         )
     except OverflowError as exc:
         raise DecodeError("timestamp out of range") from exc
-    return SessionState(session=session, conversation=conversation)
+    return new_state(session, conversation)
 
 
 def encode_message(message: Message) -> bytes:

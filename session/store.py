@@ -19,10 +19,9 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import datetime
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import redis
 
@@ -147,9 +146,11 @@ def _optional_count(name: str, value: object) -> int | None:
     return value
 
 
-@dataclass(frozen=True)
-class _Lookup:
-    """A session lookup: the session (None if gone) and, from a cache hit, the tail."""
+class _Lookup(NamedTuple):
+    """A session lookup: the session (None if gone) and, from a cache hit, the tail.
+
+    (A named tuple: one is built per lookup, and a tuple is built in C.)
+    """
 
     state: SessionState | None
     from_cache: bool = False
@@ -223,6 +224,10 @@ class _ConversationKeys:
     def remember(self, session_id: str, state: SessionState) -> None:
         expires_at = state.session.expires_at
         entry = (state.conversation, None if expires_at is None else to_micros(expires_at))
+        if self._entries.get(session_id) == entry:
+            # Known already (every hit of a session lands here): keep its place
+            # in the LRU order rather than pay a lock per hit to refresh it.
+            return
         with self._lock:
             self._entries[session_id] = entry
             self._entries.move_to_end(session_id)
@@ -1170,7 +1175,8 @@ class SessionStore:
         if self._cache is None:
             self._stats.add("misses")
             return _Lookup(self._read_live(session_id))
-        keys = self._keys(session_id)
+        keys = self._keys(session_id) if window is not None else None
+        value_keys = coherence.session_value_keys(self._key_prefix, session_id)
         token = coherence.new_lease_token()
         drop = b""
         waits: Iterator[float] | None = None
@@ -1180,12 +1186,10 @@ class SessionStore:
                 if window is None:
                     args = coherence.read_session_args(token, self._fill_lease_ms, drop_value=drop)
                     reply = self._run(
-                        "READ_SESSION",
-                        (keys.value, keys.lease),
-                        args,
-                        coherence.parse_read_session_reply,
+                        "READ_SESSION", value_keys, args, coherence.parse_read_session_reply
                     )
                 else:
+                    assert keys is not None
                     args = coherence.read_args(token, self._fill_lease_ms, window, drop_value=drop)
                     reply = self._run("READ", keys.all(), args, coherence.parse_read_reply)
                 if reply is None:
@@ -1247,11 +1251,9 @@ class SessionStore:
     def _finish_session_fill(
         self, session_id: str, token: str, fill: tuple[bytes, int, int]
     ) -> None:
-        keys = self._keys(session_id)
+        keys = coherence.session_value_keys(self._key_prefix, session_id)
         # An empty value only releases the lease, so waiting readers stop waiting.
-        result = self._run(
-            "FILL_SESSION", (keys.value, keys.lease), (token, *fill), coherence.parse_fill_reply
-        )
+        result = self._run("FILL_SESSION", keys, (token, *fill), coherence.parse_fill_reply)
         self._count_fill(result, installing=bool(fill[0]))
 
     def _session_fill_args(
@@ -1450,7 +1452,7 @@ class SessionStore:
         """After a commit: replace an older cached copy and cancel fills in flight."""
         if self._cache is None:
             return
-        keys = self._keys(session_id)
+        keys = coherence.session_value_keys(self._key_prefix, session_id)
         px = self._px(state)
         try:
             value = encode_session(state) if px is not None else None
@@ -1460,7 +1462,7 @@ class SessionStore:
             self._invalidate(session_id, tombstone=False)
             return
         args = (value, state.session.version, px)
-        written = self._run("WRITE_SESSION", (keys.value, keys.lease), args, _parse_int, write=True)
+        written = self._run("WRITE_SESSION", keys, args, _parse_int, write=True)
         if written is None:
             self._remember_stale(session_id)
 
