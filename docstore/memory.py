@@ -30,6 +30,7 @@ from .query import (
     keyset_columns,
     keyset_values,
     parse_filters,
+    parse_index_order,
     parse_order_by,
     parse_path,
 )
@@ -585,7 +586,12 @@ class MemoryDocumentStore(DocumentStore):
             return held_live
 
     def ensure_index(
-        self, collection: str, paths: str | Sequence[str], *, unique: bool = False
+        self,
+        collection: str,
+        paths: str | Sequence[str],
+        *,
+        unique: bool = False,
+        order_by: OrderBy | None = None,
     ) -> None:
         """Record an index on one field path, or several in order; idempotent.
 
@@ -599,6 +605,9 @@ class MemoryDocumentStore(DocumentStore):
             raise InvalidQuery("an index needs at least one field path")
         if not isinstance(unique, bool):
             raise InvalidQuery(f"unique must be True or False, not {unique!r}")
+        # Validated as PostgreSQL does; in memory an ordering needs no index.
+        if parse_index_order(order_by) and unique:
+            raise InvalidQuery("a unique index takes no order_by")
         with self._write():
             indexes = self._indexes.setdefault(collection, {})
             # A unique index once made stays unique, as its PostgreSQL index would.

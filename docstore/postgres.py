@@ -47,6 +47,7 @@ from .query import (
     keyset_params,
     keyset_values,
     parse_filters,
+    parse_index_order,
     parse_order_by,
     parse_path,
     path_expression,
@@ -613,9 +614,7 @@ class PostgresDocumentStore(DocumentStore):
             new_data = sql.SQL("data || %s::jsonb" if merge else "%s::jsonb")
             assignments = [sql.SQL("data = {}").format(new_data)]
             if ttl_seconds is not None:
-                assignments.append(
-                    sql.SQL("expires_at = {}").format(_expiry_sql(ttl_seconds, []))
-                )
+                assignments.append(sql.SQL("expires_at = {}").format(_expiry_sql(ttl_seconds, [])))
             guards = [_LIVE]
             if merge:
                 guards.append(sql.SQL("octet_length((data || %s::jsonb)::text) <= %s"))
@@ -925,17 +924,32 @@ class PostgresDocumentStore(DocumentStore):
                 return total
 
     def ensure_index(
-        self, collection: str, paths: str | Sequence[str], *, unique: bool = False
+        self,
+        collection: str,
+        paths: str | Sequence[str],
+        *,
+        unique: bool = False,
+        order_by: OrderBy | None = None,
     ) -> None:
         check_name("collection", collection)
         parsed = [parse_path(path) for path in iter_paths(paths)]
         if not parsed:
             raise InvalidQuery("ensure_index needs at least one field path")
-        key = _index_key(collection, parsed, unique)
+        order = parse_index_order(order_by)
+        if order and unique:
+            raise InvalidQuery("a unique index takes no order_by")
+        key = _index_key(collection, parsed, unique, order)
         if key in self._ensured_indexes:
             return
         columns = [path_expression(path) for path in parsed]
-        if not unique:
+        for column, descending in order:
+            # DESC is NULLS FIRST and ASC NULLS LAST, as query's ORDER BY spells them.
+            columns.append(
+                sql.SQL("{}{}").format(
+                    sql.Identifier(column), sql.SQL(" DESC" if descending else "")
+                )
+            )
+        if not unique and all(column != "id" for column, _ in order):
             # id last, so that order_by on these paths (ties broken by id) reads the index in order.
             columns.append(sql.SQL("id"))
         statement = sql.SQL(
@@ -1321,8 +1335,11 @@ class PostgresDocumentStore(DocumentStore):
         self._pool.close()
 
 
-def _index_key(collection: str, parsed: Sequence[Any], unique: bool) -> str:
-    return repr((collection, list(parsed), bool(unique)))
+def _index_key(
+    collection: str, parsed: Sequence[Any], unique: bool, order: Sequence[tuple[str, bool]] = ()
+) -> str:
+    # The key (and so the name) of an index without order_by is what it always was.
+    return repr((collection, list(parsed), bool(unique), *([list(order)] if order else [])))
 
 
 def _index_name(table: str, key: str) -> str:
@@ -1330,11 +1347,18 @@ def _index_name(table: str, key: str) -> str:
 
 
 def index_name(
-    table: str, collection: str, paths: str | Sequence[str], *, unique: bool = False
+    table: str,
+    collection: str,
+    paths: str | Sequence[str],
+    *,
+    unique: bool = False,
+    order_by: OrderBy | None = None,
 ) -> str:
-    """Return the name `ensure_index(collection, paths, unique=unique)` gives its index."""
+    """Return the name `ensure_index(collection, paths, unique=..., order_by=...)` gives
+    its index."""
     parsed = [parse_path(path) for path in iter_paths(paths)]
-    return _index_name(table, _index_key(collection, parsed, unique))
+    order = parse_index_order(order_by)
+    return _index_name(table, _index_key(collection, parsed, unique, order))
 
 
 def _new_id() -> str:

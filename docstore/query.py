@@ -28,6 +28,7 @@ __all__ = [
     "parse_path",
     "parse_filters",
     "parse_order_by",
+    "parse_index_order",
     "check_paging",
     "keyset_columns",
     "keyset_values",
@@ -161,6 +162,26 @@ def parse_order_by(order_by: object) -> list[SortKey]:
         else:
             keys.append(SortKey(parse_path(field), descending))
     return keys
+
+
+def parse_index_order(order_by: object) -> list[tuple[str, bool]]:
+    """Validate an `ensure_index(order_by=...)` and return its (column, descending) list.
+
+    The same spelling as a query's `order_by`, for the metadata columns only
+    (created_at, updated_at, id): they follow the index's paths, so that a
+    query filtering on the paths and ordered this way reads the index in order.
+    """
+    if order_by is None:
+        return []
+    columns = []
+    for key in parse_order_by(order_by):
+        if key.column is None:
+            raise InvalidQuery(
+                "an index's order_by takes the metadata columns created_at, updated_at "
+                "and id only (index data paths through `paths`)"
+            )
+        columns.append((key.column, key.descending))
+    return columns
 
 
 def check_paging(limit: object, offset: object) -> None:

@@ -287,9 +287,20 @@ class DocumentStore(ABC):
 
     @abstractmethod
     def ensure_index(
-        self, collection: str, paths: str | Sequence[str], *, unique: bool = False
+        self,
+        collection: str,
+        paths: str | Sequence[str],
+        *,
+        unique: bool = False,
+        order_by: OrderBy | None = None,
     ) -> None:
-        """Index one field path, or several in order; idempotent."""
+        """Index one field path, or several in order; idempotent.
+
+        `order_by` (metadata columns only, as in `query`: "-updated_at", "id",
+        ...) appends those columns after the paths, so that a query filtering
+        on the paths with that order_by reads the index in order and stops at
+        its limit. Not with `unique`.
+        """
 
     @abstractmethod
     def append(

@@ -111,8 +111,10 @@ def diagnose(
         docstore_url = start_embedded()
     dsn = None if docstore_url.strip() == MEMORY_URL else docstore_url
     indexes = [
-        index_name(table, collection, paths)
-        for collection, paths in required_indexes(sessions_collection, messages_collection)
+        index_name(table, collection, paths, order_by=order_by)
+        for collection, paths, order_by in required_indexes(
+            sessions_collection, messages_collection
+        )
     ]
     findings, postgres_skew = check_postgres(dsn, table=table, required_indexes=indexes)
     if redis_url is None:

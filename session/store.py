@@ -162,14 +162,19 @@ class _Lookup(NamedTuple):
     session_fill: tuple[bytes, int, int] | None = None
 
 
-def required_indexes(sessions: str, messages: str) -> list[tuple[str, list[str]]]:
-    """Return the (collection, field paths) of every index the store asks its docstore for."""
+def required_indexes(
+    sessions: str, messages: str
+) -> list[tuple[str, list[str], list[str] | None]]:
+    """Return the (collection, field paths, order_by) of every index the store asks its
+    docstore for."""
     return [
-        (sessions, [f"{RESERVED_KEY}.user_id"]),
-        (sessions, [f"{RESERVED_KEY}.conv"]),
-        (messages, ["conv", "seq"]),
-        # Finds each conversation's first message, for purging orphans.
-        (messages, ["seq", "conv"]),
+        # Serves list_sessions: one user's sessions, newest first, a page at a
+        # time, whatever the number of sessions the user has.
+        (sessions, [f"{RESERVED_KEY}.user_id"], ["-updated_at", "id"]),
+        (sessions, [f"{RESERVED_KEY}.conv"], None),
+        (messages, ["conv", "seq"], None),
+        # Finds each conversation's first message, for purge_expired(orphans=True).
+        (messages, ["seq", "conv"], None),
     ]
 
 
@@ -335,8 +340,10 @@ class SessionStore:
                 logger.info("Redis unreachable at start (%s); fencing later", type(exc).__name__)
         if ensure_indexes:
             with self._translated():
-                for collection, paths in required_indexes(self._sessions, self._messages):
-                    docstore.ensure_index(collection, paths)
+                for collection, paths, order_by in required_indexes(
+                    self._sessions, self._messages
+                ):
+                    docstore.ensure_index(collection, paths, order_by=order_by)
 
     @classmethod
     def from_env(cls) -> SessionStore:

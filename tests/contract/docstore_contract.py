@@ -1205,6 +1205,29 @@ class DocumentStoreContract:
         store.create(people, {"age": 30}, id="d7")
         assert ids(store.query(people, {"age": 30})) == ["d1", "d6", "d7"]
 
+    def test_an_index_ordered_by_metadata_columns_changes_no_answer(
+        self, store: DocumentStore, people: str
+    ) -> None:
+        questions: list[tuple[object, object]] = [
+            ({"profile.city": "Oslo"}, ["-updated_at", "id"]),
+            ({"profile.city": "Oslo"}, "-updated_at"),
+            ({"age": {"$gt": 20}}, "created_at"),
+        ]
+
+        def answers() -> list[list[str]]:
+            return [ids(store.query(people, f, order_by=o, limit=None)) for f, o in questions]
+
+        before = answers()
+        for _ in range(2):
+            store.ensure_index(people, "profile.city", order_by=["-updated_at", "id"])
+            store.ensure_index(people, ["age"], order_by="created_at")
+        assert answers() == before
+        for bad in ("age", ["-updated_at", "profile.city"], 3):
+            with pytest.raises(InvalidQuery):
+                store.ensure_index(people, "age", order_by=bad)  # type: ignore[arg-type]
+        with pytest.raises(InvalidQuery):
+            store.ensure_index(people, "age", unique=True, order_by="-updated_at")
+
     def test_unique_index(self, store: DocumentStore, coll: str, other: str) -> None:
         store.ensure_index(coll, "email", unique=True)
         store.ensure_index(coll, "email", unique=True)

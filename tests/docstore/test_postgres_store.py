@@ -102,6 +102,34 @@ class PostgresStoreTests:
             assert store.delete("c", f"{name}2", expected_version=renamed.version)
             assert other.read("c", f"{name}2") is None
 
+    def test_an_index_with_order_by_serves_a_filtered_page_without_sorting(
+        self, make_store: Callable[..., DocumentStore], dsn: str
+    ) -> None:
+        # What list_sessions relies on: one owner's newest documents, a page at a
+        # time, read from the index in order rather than sorted from all of them.
+        table = unique_table()
+        store = make_store(table=table)
+        for n in range(20):
+            store.create("c", {"owner": f"u{n % 2}"}, id=f"d{n}")
+        store.ensure_index("c", "owner", order_by=["-updated_at", "id"])
+        conn = psycopg2.connect(dsn, connect_timeout=10)
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SET enable_seqscan = off; SET enable_bitmapscan = off")
+                cur.execute(
+                    sql.SQL(
+                        "EXPLAIN SELECT id FROM {} WHERE collection = 'c'"
+                        " AND (data #> ARRAY['owner']) = '\"u1\"'::jsonb"
+                        " ORDER BY updated_at DESC NULLS FIRST, id ASC LIMIT 5"
+                    ).format(sql.Identifier(table))
+                )
+                plan = "\n".join(row[0] for row in cur.fetchall())
+        finally:
+            conn.close()
+        assert "Index Scan" in plan and "Sort" not in plan, plan
+        page = store.query("c", {"owner": "u1"}, order_by=["-updated_at", "id"], limit=5)
+        assert [doc.data["owner"] for doc in page] == ["u1"] * 5
+
     def test_first_use_of_statements_from_many_threads_at_once(
         self, make_store: Callable[..., DocumentStore]
     ) -> None:
