@@ -896,5 +896,22 @@ class MemoryDocumentStore(DocumentStore):
             self._put(collection, doc_id, record)
             return None
 
+    def pop_expired(self, collection: str, *, limit: int = 1000) -> list[Document]:
+        """Delete up to `limit` expired documents of the collection and return them."""
+        check_name("collection", collection)
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise InvalidQuery(f"limit must be an int >= 1, not {limit!r}")
+        with self._write():
+            now = self._now()
+            expired = (
+                (doc_id, record)
+                for doc_id, record in self._collections.get(collection, {}).items()
+                if not record.is_live(now)
+            )
+            batch = list(itertools.islice(expired, limit))
+            for doc_id, _ in batch:
+                self._put(collection, doc_id, None)
+        return [self._document(collection, doc_id, record) for doc_id, record in batch]
+
     def close(self) -> None:
         """Do nothing: the store holds no connections and keeps working after this."""

@@ -923,6 +923,20 @@ class PostgresDocumentStore(DocumentStore):
             if deleted < batch_size:
                 return total
 
+    def pop_expired(self, collection: str, *, limit: int = 1000) -> list[Document]:
+        check_name("collection", collection)
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise InvalidQuery(f"limit must be an int >= 1, not {limit!r}")
+        statement = self._sql(
+            "pop expired",
+            lambda: sql.SQL(
+                "DELETE FROM {t} WHERE ctid = ANY(ARRAY("
+                " SELECT ctid FROM {t} WHERE expires_at <= now() AND collection = %s LIMIT %s))"
+                " RETURNING {cols}"
+            ).format(t=self._table, cols=_COLUMNS),
+        )
+        return [_to_document(row) for row in self._execute(statement, (collection, limit))]
+
     def ensure_index(
         self,
         collection: str,

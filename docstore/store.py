@@ -374,6 +374,15 @@ class DocumentStore(ABC):
         """Delete expired documents in batches; return how many."""
 
     @abstractmethod
+    def pop_expired(self, collection: str, *, limit: int = 1000) -> list[Document]:
+        """Delete up to `limit` expired documents of the collection and return them.
+
+        For cleanups that must follow the documents (the messages of expired
+        sessions): run it with the cleanup inside `transaction()`, so that both
+        happen or neither. Order unspecified; [] once nothing has expired.
+        """
+
+    @abstractmethod
     def close(self) -> None:
         """Release connections."""
 

@@ -640,46 +640,73 @@ class SessionStore:
             lookup = self._read_tail(session_id, state, window)
         return self._messages_for(session_id, state, window, lookup)
 
-    def purge_expired(self, *, batch_size: int = 1000) -> int:
-        """Delete expired sessions and the messages of every session that is gone.
+    def purge_expired(self, *, batch_size: int = 1000, orphans: bool = False) -> int:
+        """Delete expired sessions with their messages; return how many documents went.
 
-        Returns how many documents were deleted. Run it from a periodic job.
+        Each batch of expired sessions goes with its messages in one transaction,
+        so the cost follows what expired, not the size of the store. Run it from
+        a periodic job. `orphans=True` also sweeps the messages of sessions that
+        went some other way (a purge by the docstore itself, or by a version of
+        this library older than the transactional one): that walks the first
+        message of every conversation, so it is for an occasional clean-up.
         """
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, not {batch_size!r}")
+        purged = 0
         with self._translated():
-            purged = self._docstore.purge_expired(self._sessions, batch_size=batch_size)
-            last_conversation: str | None = None
             while True:
-                # Every conversation has exactly one first message: walk them by key.
-                filters: dict[str, Any] = {"seq": 1}
-                if last_conversation is not None:
-                    filters["conv"] = {"$gt": last_conversation}
-                firsts = self._docstore.query(
-                    self._messages, filters, order_by="conv", limit=batch_size
-                )
-                conversations = [
-                    doc.data["conv"] for doc in firsts if isinstance(doc.data.get("conv"), str)
-                ]
-                if conversations:
-                    sessions = self._docstore.query(
-                        self._sessions,
-                        {f"{RESERVED_KEY}.conv": {"$in": conversations}},
-                        limit=None,
-                    )
-                    live = {
+                with self._docstore.transaction():
+                    gone = self._docstore.pop_expired(self._sessions, limit=batch_size)
+                    conversations = [
                         state.conversation
-                        for state in (session_state_from_document(doc, doc.id) for doc in sessions)
+                        for state in (session_state_from_document(doc, doc.id) for doc in gone)
                         if state is not None
-                    }
-                    orphans = [conv for conv in conversations if conv not in live]
-                    if orphans:
+                    ]
+                    if conversations:
                         purged += self._docstore.delete_many(
-                            self._messages, {"conv": {"$in": orphans}}
+                            self._messages, {"conv": {"$in": conversations}}
                         )
-                    last_conversation = conversations[-1]
-                if len(firsts) < batch_size:
-                    return purged
+                purged += len(gone)
+                if len(gone) < batch_size:
+                    break
+            if orphans:
+                purged += self._purge_orphaned_messages(batch_size)
+        return purged
+
+    def _purge_orphaned_messages(self, batch_size: int) -> int:
+        """Delete the messages of every conversation whose session is gone."""
+        purged = 0
+        last_conversation: str | None = None
+        while True:
+            # Every conversation has exactly one first message: walk them by key.
+            filters: dict[str, Any] = {"seq": 1}
+            if last_conversation is not None:
+                filters["conv"] = {"$gt": last_conversation}
+            firsts = self._docstore.query(
+                self._messages, filters, order_by="conv", limit=batch_size
+            )
+            conversations = [
+                doc.data["conv"] for doc in firsts if isinstance(doc.data.get("conv"), str)
+            ]
+            if conversations:
+                sessions = self._docstore.query(
+                    self._sessions,
+                    {f"{RESERVED_KEY}.conv": {"$in": conversations}},
+                    limit=None,
+                )
+                live = {
+                    state.conversation
+                    for state in (session_state_from_document(doc, doc.id) for doc in sessions)
+                    if state is not None
+                }
+                orphans = [conv for conv in conversations if conv not in live]
+                if orphans:
+                    purged += self._docstore.delete_many(
+                        self._messages, {"conv": {"$in": orphans}}
+                    )
+                last_conversation = conversations[-1]
+            if len(firsts) < batch_size:
+                return purged
 
     # -- for operations tools (session.transfer, session.ops) --------------------
 
