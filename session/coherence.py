@@ -134,7 +134,8 @@ def session_keys(key_prefix: str, session_id: str) -> SessionKeys:
 
 
 class _LeaseTokens:
-    """Tokens unique to this process: a random 128-bit prefix plus a counter.
+    """Tokens unique to this process: a random 64-bit prefix plus a 64-bit counter,
+    32 hex digits as the restart fence expects of a lease token.
 
     Drawing 16 random bytes per lookup (a system call) cost more than the
     rest of building a cache hit's request. A token needs to be unique, not
@@ -146,12 +147,12 @@ class _LeaseTokens:
         self.reseed()
 
     def reseed(self) -> None:
-        self.prefix = secrets.token_hex(16) + ":"
+        self.prefix = secrets.token_hex(8)
         self.counter = itertools.count()
 
     def next(self) -> str:
         # next() on itertools.count is atomic under the GIL: no lock needed.
-        return f"{self.prefix}{next(self.counter):x}"
+        return f"{self.prefix}{next(self.counter):016x}"
 
 
 _LEASE_TOKENS = _LeaseTokens()
