@@ -490,7 +490,8 @@ def test_migrate_command(
     migrate_dsn(dsn, table, steps=MIGRATIONS[:1])
     assert main(["migrate", "--dry-run", "--table", table]) == EXIT_OK
     planned = json.loads(capsys.readouterr().out)
-    assert planned["dry_run"] and [step["version"] for step in planned["applied"]] == [2]
+    pending = [step.version for step in MIGRATIONS[1:]]
+    assert planned["dry_run"] and [step["version"] for step in planned["applied"]] == pending
     assert planned["version_after"] == 1
     assert main(["migrate", "--table", table]) == EXIT_OK
     done = json.loads(capsys.readouterr().out)
