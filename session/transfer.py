@@ -294,8 +294,11 @@ def _import_line(store: SessionStore, line: str) -> int | None:
                     "its conversation key belongs to another session (renamed by "
                     "rotate_session_id since the export?)"
                 )
-            if documents.restore(session, counter=counter) is not None:
-                raise _Rejected("the id was taken by a session written meanwhile")
+            written_meanwhile = documents.restore(session, counter=counter)
+            if written_meanwhile is not None:
+                # Another import of the same line, say, committed it first.
+                _compare(written_meanwhile, session, conversation)
+                return None
             # Messages left by an expired or deleted session of this conversation
             # are orphans (no live session holds the key): the imported ones replace them.
             documents.delete_many(messages_collection, {"conv": conversation})

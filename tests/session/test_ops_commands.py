@@ -8,12 +8,14 @@ fakeredis, or the real servers (a fresh table and key prefix, removed after).
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -310,6 +312,30 @@ def test_import_reports_every_rejected_line_and_imports_the_rest(
         assert store.get_session(ids["anonymous"]) is None  # nothing half-written
         assert store.get_session(ids["alice"]) is None
         assert store.get_session(taken.id).user_id == "mallory"  # type: ignore[union-attr]
+
+
+def test_two_imports_of_one_file_at_once_import_each_session_once(
+    deployment: Deployment, tmp_path: Path
+) -> None:
+    from session.transfer import export_sessions, import_sessions
+
+    with deployment.open() as store:
+        populate(store)
+        out = io.StringIO()
+        export_sessions(store, out)
+        lines = out.getvalue().splitlines(keepends=True)
+        for record in lines_of(out.getvalue().encode()):
+            store.delete_session(str(record["id"]))
+    stores = [deployment.open() for _ in range(2)]
+    try:
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            reports = list(pool.map(lambda store: import_sessions(store, lines), stores))
+    finally:
+        for store in stores:
+            store.close()
+    assert sum(report.imported for report in reports) == len(lines)
+    assert sum(report.unchanged for report in reports) == len(lines)
+    assert all(report.rejected == 0 for report in reports)
 
 
 def test_import_refuses_a_conversation_another_session_holds(
