@@ -112,7 +112,8 @@ def test_expiry_at_the_boundary_never_comes_back(
     store = make_session_store(session_ttl=ttl)
     uncached = make_session_store(cached=False, session_ttl=ttl)
     fault_summary.add_fault("session expiring under readers and a touch")
-    history: list[tuple[str, float, float, object]] = []
+    # (call, started, ended (monotonic), wall clock when it started, result)
+    history: list[tuple[str, float, float, float, object]] = []
     lock = threading.Lock()
     for round_number in range(3):
         session = store.create_session(data={"round": round_number})
@@ -120,10 +121,10 @@ def test_expiry_at_the_boundary_never_comes_back(
         rng = random.Random(round_number)
 
         def record(kind: str, call: Callable[[], object]) -> object:
-            started = time.monotonic()
+            started, started_wall = time.monotonic(), time.time()
             result = call()
             with lock:
-                history.append((kind, started, time.monotonic(), result))
+                history.append((kind, started, time.monotonic(), started_wall, result))
             return result
 
         def read(
@@ -156,16 +157,17 @@ def test_expiry_at_the_boundary_never_comes_back(
         # Check: once anything saw the session gone, nothing that started later sees it.
         mine = [entry for entry in history if entry[0].endswith(session.id)]
         gone_at = min(
-            (end for kind, _, end, result in mine if result is None or result is False),
+            (end for kind, _, end, _, result in mine if result is None or result is False),
             default=None,
         )
         assert gone_at is not None, "the session never expired"
-        for kind, started, _, result in mine:
+        for kind, started, _, started_wall, result in mine:
             if started > gone_at:
                 assert result in (None, False), f"{kind.split()[0]} saw it after it expired"
             if isinstance(result, Session):
+                # Not expired when the call started, by the clock the store uses (time.time).
                 assert result.expires_at is not None
-                assert result.expires_at.timestamp() > time.time() - (time.monotonic() - started)
+                assert result.expires_at.timestamp() > started_wall
         assert store.get_session(session.id) is None
         assert uncached.get_session(session.id) is None
         assert store.touch_session(session.id) is False
