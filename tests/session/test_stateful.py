@@ -86,6 +86,7 @@ class ModelSession:
     version: int = 1
     expires: bool = False
     messages: list[ModelMessage] = field(default_factory=list)
+    last_seq: int = 0  # the highest seq ever given out: pops and clears never lower it
 
 
 def window(
@@ -350,12 +351,42 @@ class SessionMachine(RuleBasedStateMachine):
             # A retry: the stored message comes back, nothing is appended or bumped.
             self.check_message(session_id, got, stored[0])
             return
-        last_seq = expected.messages[-1].seq if expected.messages else 0
-        appended = ModelMessage(last_seq + 1, got.id, role, content, dict(meta))
+        expected.last_seq += 1
+        appended = ModelMessage(expected.last_seq, got.id, role, content, dict(meta))
         self.check_message(session_id, got, appended)
         if message_id is not None:
             assert got.id == message_id
         expected.messages.append(appended)
+        expected.version += 1
+
+    @rule(session_id=ids)
+    def pop_message(self, session_id: str) -> None:
+        expected = self.model.get(session_id)
+        if expected is None:
+            try:
+                self.sut.pop_message(session_id)
+            except SessionNotFound:
+                return
+            raise AssertionError("pop_message of a missing session did not raise")
+        got = self.sut.pop_message(session_id)
+        expected.version += 1
+        if not expected.messages:
+            assert got is None
+            return
+        assert got is not None
+        self.check_message(session_id, got, expected.messages.pop())
+
+    @rule(session_id=ids)
+    def clear_messages(self, session_id: str) -> None:
+        expected = self.model.get(session_id)
+        if expected is None:
+            try:
+                self.sut.clear_messages(session_id)
+            except SessionNotFound:
+                return
+            raise AssertionError("clear_messages of a missing session did not raise")
+        assert self.sut.clear_messages(session_id) == len(expected.messages)
+        expected.messages.clear()
         expected.version += 1
 
     @rule(session_id=ids, limit=counts, after_seq=counts, before_seq=counts)
