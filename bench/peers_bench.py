@@ -1,6 +1,6 @@
 """The framework adapters against each framework's own backends, on the same servers.
 
-Usage: python bench/peers_bench.py [--rounds 200] [--blocks 5]
+Usage: pip install -e '.[peers]' && python bench/peers_bench.py [--rounds 200] [--blocks 5]
 
 Talks to the servers named by POSTGRES_CONNECTION_STRING and REDIS_URL (by
 default the local ones below). Every contestant keeps its data in tables,
