@@ -393,6 +393,7 @@ def test_another_process_and_a_restart_see_every_save(backend: Backend) -> None:
 
 def test_store_from_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("POSTGRES_CONNECTION_STRING", "memory://")
+    monkeypatch.delenv("REDIS_URL", raising=False)  # an in-process cache, never the shared one
     with override_settings(SESSION_STORE_KEY_PREFIX="djtest:", SESSION_STORE_CACHE_TTL=60):
         built = engine.get_store()
         assert engine.get_store() is built  # one per configuration

@@ -391,6 +391,7 @@ def test_calls_do_not_block_the_event_loop(backend: Backend) -> None:
 
 def test_default_store_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("POSTGRES_CONNECTION_STRING", "memory://")
+    monkeypatch.delenv("REDIS_URL", raising=False)  # an in-process cache, never the shared one
     _conversations.default_store.cache_clear()
     try:
         session = OpenAIAgentsSession("default")
