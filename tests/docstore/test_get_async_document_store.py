@@ -97,3 +97,11 @@ def test_an_unparsable_url_is_named_without_its_password(url: str) -> None:
         get_async_document_store(url)
     assert "invalid PostgreSQL connection string" in str(raised.value)
     assert "hunter2" not in str(raised.value)
+
+
+def test_the_table_argument_then_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    url = unreachable_url()  # nothing connects until the first call
+    assert "table='t_named'" in repr(get_async_document_store(url, table="t_named"))
+    monkeypatch.setenv("DOCSTORE_TABLE", "t_from_env")
+    assert "table='t_from_env'" in repr(get_async_document_store(url))
+    assert "table='t_named'" in repr(get_async_document_store(url, table="t_named"))
