@@ -293,6 +293,9 @@ def test_every_command_takes_a_key_prefix(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     monkeypatch.setattr(session.demo, "get_session_store", session.cli.get_session_store)
+    # Persistent-looking settings would make the demo restart itself in a new process,
+    # which would not get this test's store (and would start the embedded server).
+    monkeypatch.setenv("DATABASE_URL", "memory://")
     opened_prefixes.clear()
     main([argv[0], "--key-prefix", "app:", *argv[1:]])
     main(["--key-prefix", "before:", *argv])
