@@ -70,6 +70,10 @@ def real_dsn() -> str:
     return server_url(REAL_SERVER_VARIABLE, "real PostgreSQL server")
 
 
+# Contract parameters that size the cached tail (its length, its byte budget).
+_CACHE_ONLY_PARAMETERS = ("tail_size", "budget")
+
+
 def _does_not_apply(item: pytest.Item) -> bool:
     cls = getattr(item, "cls", None)
     flushes = item.get_closest_marker("flushes_redis_scripts") is not None
@@ -83,9 +87,10 @@ def _does_not_apply(item: pytest.Item) -> bool:
         fixtures = getattr(item, "fixturenames", ())
         if "needs_cache" in fixtures or "needs_outage" in fixtures:
             return True
-        # The tail lives in the cache: without one, every tail_size repeats tail_size=0.
+        # These only shape what the cache holds: without one, every value repeats 0.
         callspec = getattr(item, "callspec", None)
-        return callspec is not None and callspec.params.get("tail_size", 0) != 0
+        params = {} if callspec is None else callspec.params
+        return any(params.get(name, 0) != 0 for name in _CACHE_ONLY_PARAMETERS)
     return False
 
 
