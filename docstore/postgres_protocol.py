@@ -924,9 +924,20 @@ class PostgresProtocol:
         if unique:
             yield from self._purge_expired_in(collection)
         # Two processes creating the same index at once would collide in the catalog.
+        # Building an index over a big collection outlasts any statement_timeout
+        # meant for the hot path (a million rows: tens of seconds).
         yield Exclusive(
-            (self.plain(render(lock)), self.plain(render(statement))),
-            cleanup=self.plain(render(unlock)),
+            (
+                self.plain(render(lock)),
+                self.plain("SET statement_timeout = 0"),
+                self.plain(render(statement)),
+            ),
+            # One statement (some drivers run a single one per call): unlock, and
+            # put back the timeout RESET would restore.
+            cleanup=self.plain(
+                render(unlock) + ", set_config('statement_timeout', (SELECT reset_val"
+                " FROM pg_settings WHERE name = 'statement_timeout'), false)"
+            ),
         )
         self._ensured_indexes.add(key)
 
