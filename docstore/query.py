@@ -17,7 +17,7 @@ from typing import Any
 from psycopg2 import sql
 
 from .errors import InvalidDocument, InvalidQuery
-from .store import check_json_value
+from .store import check_json_value, exact_numbers
 
 __all__ = [
     "Condition",
@@ -84,8 +84,8 @@ def _json_operand(value: object, op: str) -> Any:
         check_json_value(value, op)
     except InvalidDocument as exc:
         raise InvalidQuery(f"{op} operand is not JSON: {exc}") from exc
-    # Tuples become lists, exactly as they would be stored.
-    return json.loads(json.dumps(value))
+    # Tuples become lists and large integral floats exact ints, as they would be stored.
+    return json.loads(json.dumps(exact_numbers(value)))
 
 
 def _parse_operand(op: str, operand: object) -> Any:

@@ -29,6 +29,7 @@ __all__ = [
     "encode_data",
     "decode_json",
     "encode_json",
+    "exact_numbers",
 ]
 
 DEFAULT_MAX_DOCUMENT_BYTES = 1_048_576
@@ -124,6 +125,28 @@ def check_json_value(value: object, where: str) -> None:
 encode_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
 
 
+# Python writes floats from 1e16 up in exponent form ('1.152921504606847e+18').
+# PostgreSQL keeps that shortest decimal exactly and hands it back as the
+# integer 1152921504606847000, which is not equal to the float 2.0**60; below
+# 2**63 it would then decode as that wrong int. Written as the exact integer the
+# float holds, it comes back equal. (Past 2**63 it decodes as a float, equal.)
+_EXACT_FLOAT_MIN = 1e16
+_EXACT_FLOAT_LIMIT = float(2**63)
+
+
+def exact_numbers(value: Any) -> Any:
+    """Return `value` with integral floats in [1e16, 2**63) written as the ints they equal."""
+    if isinstance(value, float):
+        if _EXACT_FLOAT_MIN <= abs(value) < _EXACT_FLOAT_LIMIT:
+            return int(value)  # every float this large is integral
+        return value
+    if isinstance(value, dict):
+        return {key: exact_numbers(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [exact_numbers(item) for item in value]
+    return value
+
+
 def encode_data(data: object, max_bytes: int, *, reserve: int = 0) -> str:
     """Validate document data and return its compact JSON text.
 
@@ -134,6 +157,8 @@ def encode_data(data: object, max_bytes: int, *, reserve: int = 0) -> str:
         raise InvalidDocument(f"data must be a dict, not {type(data).__name__}")
     _check_value(data, "data")
     text = encode_json(data)
+    if "e+1" in text:  # rare: only then look for floats to write exactly
+        text = encode_json(exact_numbers(data))
     try:
         size = len(text.encode("utf-8"))
     except UnicodeEncodeError as exc:

@@ -618,23 +618,26 @@ class DocumentStoreContract:
         assert isinstance(read.data["neg"], float)
 
     def test_integral_floats_read_back_of_equal_value(
-        self, store: DocumentStore, coll: str, request: pytest.FixtureRequest
+        self, store: DocumentStore, coll: str
     ) -> None:
-        """API.md: an integral float may come back as an int, but of equal value."""
-        # The asyncio store is driven through a shim (tests/contract/sync_over_async.py).
-        backend = type(getattr(store, "async_store", store)).__name__
-        if backend in ("PostgresDocumentStore", "AsyncPostgresDocumentStore"):
-            # jsonb keeps the shortest decimal of the float ('1.152921504606847e+18')
-            # and reads it back as the int 1152921504606847000, not 2**60.
-            request.applymarker(
-                pytest.mark.xfail(strict=True, reason="known bug: integral floats past 2**53")
-            )
-        data = {"two**60": 2.0**60, "big": 3.989807121949115e16, "neg": -(2.0**55)}
+        """An integral float may come back as an int, but always of equal value."""
+        # jsonb keeps the shortest decimal of a float ('1.152921504606847e+18'),
+        # which would read back as the int 1152921504606847000, not 2**60.
+        data = {
+            "two**60": 2.0**60,
+            "big": 3.989807121949115e16,
+            "neg": -(2.0**55),
+            "nested": [{"x": 2.0**62}],
+            "past int64": 1.5e19,
+        }
         created = store.create(coll, data, id="d")
         read = store.read(coll, "d")
         assert read is not None
         assert created.data == data
         assert read.data == data
+        # A filter on such a value finds it, as the value it was written as.
+        assert [d.id for d in store.query(coll, {"two**60": 2.0**60})] == ["d"]
+        assert [d.id for d in store.query(coll, {"two**60": {"$gte": 2**60}})] == ["d"]
 
     def test_lone_surrogates_are_refused_or_kept(self, store: DocumentStore, coll: str) -> None:
         # A lone surrogate is a Python str but no valid UTF-8: a typed error, or kept exactly.
