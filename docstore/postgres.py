@@ -1,54 +1,45 @@
-"""The PostgreSQL document store: one JSONB table, one statement per call where SQL allows."""
+"""The PostgreSQL document store: one JSONB table, one statement per call where SQL allows.
+
+What each call sends lives in `postgres_protocol.py`, shared with the asyncio
+store; this module runs it through psycopg2: a pool, a statement watchdog and
+thread-local transactions.
+"""
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 import logging
-import re
 import select
 import threading
 import time
-import uuid
-from collections.abc import Callable, Hashable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg2
 import psycopg2.errors
 import psycopg2.extensions
 import psycopg2.extras
-from psycopg2 import sql
 from psycopg2.extensions import connection as Connection
 from psycopg2.extensions import cursor as Cursor
 
 from .document import Document
-from .errors import (
-    DocstoreError,
-    DocumentExists,
-    InvalidDocument,
-    InvalidQuery,
-    StoreUnavailable,
-    VersionConflict,
-)
+from .errors import DocstoreError, StoreUnavailable
 from .pool import ConnectionPool, connect_timeout_seconds
-from .query import (
-    PercentSafeIdentifier,
-    PercentSafeLiteral,
-    check_paging,
-    compile_keyset,
-    compile_order_by,
-    compile_where,
-    condition_params,
-    condition_shape,
-    keyset_columns,
-    keyset_params,
-    keyset_values,
-    parse_filters,
-    parse_order_by,
-    parse_path,
-    path_expression,
+from .postgres_protocol import (
+    SCHEMA_VERSION,
+    STATEMENT_SAVEPOINT,
+    Atomic,
+    Exclusive,
+    PostgresProtocol,
+    Rows,
+    Statement,
+    Steps,
+    check_table_name,
+    commit_outcome_unknown,
+    first_line,
+    to_document,
+    translate_error,
+    write_outcome_unknown,
 )
 from .store import (
     DEFAULT_MAX_DOCUMENT_BYTES,
@@ -56,12 +47,7 @@ from .store import (
     Filters,
     OrderBy,
     Ttl,
-    check_name,
-    check_parent,
-    check_ttl,
     decode_json,
-    encode_data,
-    iter_paths,
 )
 from .watchdog import StatementWatchdog
 
@@ -69,13 +55,8 @@ __all__ = ["PostgresDocumentStore", "SCHEMA_VERSION"]
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
-_COLUMNS = sql.SQL("id, collection, data, created_at, updated_at, version, expires_at")
-_LIVE = sql.SQL("(expires_at IS NULL OR expires_at > now())")
-_STATEMENT_SAVEPOINT = "docstore_statement"
-# The largest seq a child could get, so that a size check made before the
-# server assigns the real one never underestimates the stored document.
-_SEQ_PLACEHOLDER = 2**62
+T = TypeVar("T")
+_STATEMENT_SAVEPOINT = STATEMENT_SAVEPOINT
 # Seconds past statement_timeout before the client stops waiting for an answer.
 _NETWORK_GRACE = 0.5
 # A statement unanswered this long is checked with a probe (see watchdog.py), and
@@ -83,45 +64,8 @@ _NETWORK_GRACE = 0.5
 # 1 s, which leaves a loaded machine a margin under the 2 s no call may take.
 _PROBE_AFTER = 0.5
 _PROBE_TIMEOUT = 0.5
-
-
-def _check_version(expected_version: object) -> int | None:
-    if expected_version is None:
-        return None
-    if isinstance(expected_version, bool) or not isinstance(expected_version, int):
-        raise InvalidDocument(f"expected_version must be an int, not {expected_version!r}")
-    return expected_version
-
-
-def _expiry_sql(ttl_seconds: float | None, params: list[Any]) -> sql.Composable:
-    if ttl_seconds is None:
-        return sql.SQL("NULL::timestamptz")
-    params.append(ttl_seconds)
-    return sql.SQL("(now() + %s * interval '1 second')")
-
-
-_new_object = object.__new__
-
-
-def _to_document(row: Sequence[Any]) -> Document:
-    # Filling __dict__ directly skips the frozen dataclass's seven object.__setattr__
-    # calls, and one unpacking assignment is four times cheaper than
-    # update(zip(...)): together most of the cost of building each of the
-    # (often hundred) documents of a query. The targets are Document's fields
-    # in order (tests/docstore/test_postgres_store.py checks); a row of another
-    # length raises ValueError.
-    document: Document = _new_object(Document)
-    fields = document.__dict__
-    (
-        fields["id"],
-        fields["collection"],
-        fields["data"],
-        fields["created_at"],
-        fields["updated_at"],
-        fields["version"],
-        fields["expires_at"],
-    ) = row
-    return document
+# Kept under its old name: tests check that rows unpack into Document's fields.
+_to_document = to_document
 
 
 def _masked_dsn(dsn: str) -> str:
@@ -144,43 +88,6 @@ class _Connection(psycopg2.extensions.connection):
         self.timed_out = False  # set by the watchdog when it gave up on a statement
         # Read once here: asking psycopg2 while a statement runs would wait for it.
         self.backend_pid: int = self.get_backend_pid()
-
-
-@dataclasses.dataclass(frozen=True)
-class _Prepared:
-    """A hot statement run as a server-side prepared statement.
-
-    psycopg2 sends every statement as text, so the server plans it on each
-    call; for the single-row statements on the hot path planning costs as much
-    as executing. Each connection prepares such a statement once, then runs
-    `EXECUTE name(...)`.
-    """
-
-    name: str
-    definition: str  # PREPARE name AS ... with $1, $2, ...
-    call: str  # EXECUTE name(%s, %s, ...)
-
-
-_PLACEHOLDER = re.compile(r"%%|%s")
-
-
-def _prepared(name: str, text: str) -> _Prepared:
-    count = 0
-
-    def number(match: re.Match[str]) -> str:
-        nonlocal count
-        if match.group() == "%%":
-            return "%%"
-        count += 1
-        return f"${count}"
-
-    body = _PLACEHOLDER.sub(number, text)
-    arguments = ", ".join(["%s"] * count)
-    return _Prepared(
-        name,
-        f"PREPARE {name} AS {body}",
-        f"EXECUTE {name}({arguments})" if count else f"EXECUTE {name}",
-    )
 
 
 class _TransactionState(threading.local):
@@ -210,9 +117,7 @@ class PostgresDocumentStore(DocumentStore):
         max_document_bytes: int = DEFAULT_MAX_DOCUMENT_BYTES,
         prepare_statements: bool = True,
     ) -> None:
-        check_name("table", table)
-        if len(table) > 40:
-            raise InvalidDocument("table name is longer than 40 characters")
+        check_table_name(table)
         if connect_timeout <= 0 or statement_timeout <= 0:
             raise ValueError("connect_timeout and statement_timeout must be positive")
         try:
@@ -249,15 +154,8 @@ class PostgresDocumentStore(DocumentStore):
             probe_after=min(_PROBE_AFTER, statement_timeout),
         )
         self._table_name = table
-        self._table = PercentSafeIdentifier(table)
-        self._max_document_bytes = max_document_bytes
+        self._protocol = PostgresProtocol(table, max_document_bytes=max_document_bytes)
         self._local = _TransactionState()
-        self._ensured_indexes: set[str] = set()
-        # Rendering psycopg2.sql compositions costs more than a local round trip,
-        # so each statement's text is rendered once and kept, keyed by its shape.
-        self._statements: dict[Hashable, str] = {}
-        self._prepared_statements: dict[Hashable, _Prepared] = {}
-        self._prepared_lock = threading.Lock()
         # Off for a transaction-pooling proxy (PgBouncer before 1.21), which would
         # hand a prepared statement's EXECUTE to another server connection.
         self._prepare_statements = prepare_statements
@@ -268,7 +166,9 @@ class PostgresDocumentStore(DocumentStore):
             acquire_timeout=connect_timeout,
             on_connect=_prepare_connection,
         )
-        self._create_schema()
+        warning = self._run(self._protocol.create_schema())
+        if warning is not None:
+            logger.warning(warning)
         self._pool.prefill()
 
     def __repr__(self) -> str:
@@ -276,101 +176,7 @@ class PostgresDocumentStore(DocumentStore):
 
     # -- schema -------------------------------------------------------------
 
-    def _name(self, suffix: str) -> sql.Identifier:
-        return PercentSafeIdentifier(f"{self._table_name}_{suffix}")
-
-    def _create_schema(self) -> None:
-        statements = [
-            sql.SQL("SELECT pg_advisory_xact_lock(hashtext({}))").format(
-                PercentSafeLiteral(f"docstore schema {self._table_name}")
-            ),
-            sql.SQL(
-                "CREATE TABLE IF NOT EXISTS {t} ("
-                " collection text NOT NULL,"
-                " id text NOT NULL,"
-                " data jsonb NOT NULL,"
-                " created_at timestamptz NOT NULL DEFAULT now(),"
-                " updated_at timestamptz NOT NULL DEFAULT now(),"
-                " version bigint NOT NULL DEFAULT 1,"
-                " expires_at timestamptz,"
-                " child_seq bigint NOT NULL DEFAULT 0,"
-                " PRIMARY KEY (collection, id))"
-            ).format(t=self._table),
-            sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} USING gin (data jsonb_path_ops)").format(
-                self._name("data_gin"), self._table
-            ),
-            sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} (collection, created_at, id)").format(
-                self._name("created"), self._table
-            ),
-            sql.SQL(
-                "CREATE INDEX IF NOT EXISTS {} ON {} (expires_at) WHERE expires_at IS NOT NULL"
-            ).format(self._name("expiry"), self._table),
-            sql.SQL(
-                "CREATE TABLE IF NOT EXISTS {} (key text PRIMARY KEY, value text NOT NULL)"
-            ).format(self._name("meta")),
-            sql.SQL(
-                "INSERT INTO {} (key, value) VALUES ('schema_version', {}) ON CONFLICT DO NOTHING"
-            ).format(self._name("meta"), PercentSafeLiteral(str(SCHEMA_VERSION))),
-        ]
-        with self._connection() as conn, conn.cursor() as cur:
-            cur.execute("BEGIN")
-            # Always with a parameter sequence: names are rendered with `%` doubled.
-            for statement in statements:
-                cur.execute(statement, ())
-            cur.execute(
-                sql.SQL("SELECT value FROM {} WHERE key = 'schema_version'").format(
-                    self._name("meta")
-                ),
-                (),
-            )
-            row = cur.fetchone()
-            cur.execute("COMMIT")
-            stored = int(row[0]) if row else SCHEMA_VERSION
-            if stored > SCHEMA_VERSION:
-                raise DocstoreError(
-                    f"table {self._table_name!r} has schema version {stored}, newer than "
-                    f"this library's {SCHEMA_VERSION}; upgrade the library"
-                )
-            cur.execute("""SELECT '"B"'::jsonb < '"a"'::jsonb AND '"z"'::jsonb < '"é"'::jsonb""")
-            code_point_order = cur.fetchone()
-            if not (code_point_order and code_point_order[0]):
-                logger.warning(
-                    "the database collation does not order strings by code point; "
-                    "string ranges and order_by follow the collation instead"
-                )
-
     # -- running statements -----------------------------------------------
-
-    def _sql(self, key: Hashable, build: Callable[[], sql.Composable]) -> str:
-        """Return the rendered text of the statement `build` makes, rendering it once per key."""
-        text = self._statements.get(key)
-        if text is None:
-            if self._local.conn is not None:
-                text = build().as_string(self._local.conn)
-            else:
-                with self._connection() as conn:
-                    text = build().as_string(conn)
-            if len(self._statements) > 2000:
-                self._statements.clear()  # unbounded query shapes must not grow memory forever
-            self._statements[key] = text
-        return text
-
-    def _hot(self, key: Hashable, build: Callable[[], sql.Composable]) -> str | _Prepared:
-        """Return the statement as a prepared one (for single-row statements of fixed shape)."""
-        if not self._prepare_statements:
-            return self._sql(key, build)
-        prepared = self._prepared_statements.get(key)
-        if prepared is None:
-            text = self._sql(key, build)
-            # Under a lock: two threads naming two statements at once must not pick
-            # one name, or a connection would run one under the other's name.
-            with self._prepared_lock:
-                prepared = self._prepared_statements.get(key)
-                if prepared is None:
-                    name = f"docstore_{len(self._prepared_statements)}"
-                    prepared = _prepared(name, text)
-                    self._prepared_statements[key] = prepared
-        return prepared
 
     @contextmanager
     def _connection(self) -> Iterator[Connection]:
@@ -386,8 +192,8 @@ class PostgresDocumentStore(DocumentStore):
             self._pool.release(conn, broken=broken)
 
     def _execute(
-        self, statement: str | _Prepared, params: Sequence[Any] = (), *, write: bool = True
-    ) -> list[tuple[Any, ...]]:
+        self, statement: Statement, params: Sequence[Any] = (), *, write: bool = True
+    ) -> Rows:
         """Run one statement and return its rows (or [(rowcount,)] when it returns none)."""
         local = self._local
         if local.conn is not None:
@@ -401,7 +207,7 @@ class PostgresDocumentStore(DocumentStore):
             self._watchdog.enter(conn, _backend_pid(conn))
             try:
                 with conn.cursor() as cur:
-                    cur.execute(_text_for(conn, cur, statement), params)
+                    cur.execute(_text_for(conn, cur, statement, self._prepare_statements), params)
                     return _rows(cur)
             except psycopg2.Error as exc:
                 broken = conn.closed != 0
@@ -409,11 +215,7 @@ class PostgresDocumentStore(DocumentStore):
                     continue
                 error = _translate(exc, broken=broken)
                 if write and broken and isinstance(error, StoreUnavailable):
-                    error = StoreUnavailable(
-                        "the connection broke during a write: it may or may not have been "
-                        f"committed ({error})",
-                        outcome_unknown=True,
-                    )
+                    error = write_outcome_unknown(error)
                 raise error from exc
             finally:
                 self._watchdog.leave(conn)
@@ -421,8 +223,8 @@ class PostgresDocumentStore(DocumentStore):
         raise AssertionError("unreachable")
 
     def _execute_in_transaction(
-        self, local: _TransactionState, statement: str | _Prepared, params: Sequence[Any]
-    ) -> list[tuple[Any, ...]]:
+        self, local: _TransactionState, statement: Statement, params: Sequence[Any]
+    ) -> Rows:
         conn = local.conn
         assert conn is not None
         if local.broken:
@@ -434,7 +236,8 @@ class PostgresDocumentStore(DocumentStore):
         self._watchdog.enter(conn, _backend_pid(conn))
         try:
             with conn.cursor() as cur:
-                cur.execute(prefix + _text_for(conn, cur, statement), params)
+                text = _text_for(conn, cur, statement, self._prepare_statements)
+                cur.execute(prefix + text, params)
                 local.statement_savepoint_open = True
                 return _rows(cur)
         except psycopg2.Error as exc:
@@ -533,12 +336,69 @@ class PostgresDocumentStore(DocumentStore):
         except StoreUnavailable as exc:
             if command == "COMMIT" and local.broken:
                 exc.outcome_unknown = True
-                raise StoreUnavailable(
-                    "the connection broke during COMMIT: the transaction may or may not "
-                    "have been committed",
-                    outcome_unknown=True,
-                ) from exc.__cause__
+                raise commit_outcome_unknown() from exc.__cause__
             raise
+
+    def pop_child(
+        self,
+        collection: str,
+        filters: Filters,
+        *,
+        parent: tuple[str, str],
+        parent_ttl: Ttl | None = None,
+    ) -> tuple[Document, Document | None] | None:
+        return self._run(
+            self._protocol.pop_child(collection, filters, parent=parent, parent_ttl=parent_ttl)
+        )
+
+    def delete_children(
+        self,
+        collection: str,
+        filters: Filters,
+        *,
+        parent: tuple[str, str],
+        parent_ttl: Ttl | None = None,
+    ) -> tuple[Document, int] | None:
+        return self._run(
+            self._protocol.delete_children(
+                collection, filters, parent=parent, parent_ttl=parent_ttl
+            )
+        )
+
+    # -- running the protocol ---------------------------------------------------
+
+    def _run(self, steps: Steps[T]) -> T:
+        """Drive one call's protocol generator, running each request it yields."""
+        try:
+            request = next(steps)
+            while True:
+                try:
+                    if isinstance(request, Exclusive):
+                        rows = self._exclusive(request)
+                    else:
+                        # psycopg2 sends an Atomic's statements in one round trip.
+                        run = request.combined if isinstance(request, Atomic) else request
+                        rows = self._execute(run.statement, run.params, write=run.write)
+                except DocstoreError as exc:
+                    request = steps.throw(exc)
+                else:
+                    request = steps.send(rows)
+        except StopIteration as stop:
+            result: T = stop.value
+            return result
+
+    def _exclusive(self, request: Exclusive) -> Rows:
+        rows: Rows = []
+        with self._connection() as conn, conn.cursor() as cur:
+            try:
+                for statement in request.statements:
+                    # Always with a parameter sequence: names are rendered with `%` doubled.
+                    cur.execute(statement.text, ())
+                    rows = _rows(cur)
+            finally:
+                if request.cleanup is not None and conn.closed == 0:
+                    cur.execute(request.cleanup.text, ())
+        return rows
 
     # -- single documents ---------------------------------------------------
 
@@ -550,40 +410,10 @@ class PostgresDocumentStore(DocumentStore):
         id: str | None = None,
         ttl: Ttl | None = None,
     ) -> Document:
-        check_name("collection", collection)
-        doc_id = check_name("id", id) if id is not None else _new_id()
-        text = encode_data(data, self._max_document_bytes)
-        ttl_seconds = check_ttl(ttl)
-        params: list[Any] = [collection, doc_id, text]
-        expiry = _expiry_sql(ttl_seconds, params)
-        statement = self._hot(
-            ("create", ttl_seconds is None),
-            lambda: sql.SQL(
-                "INSERT INTO {t} AS d (collection, id, data, expires_at) "
-                "VALUES (%s, %s, %s::jsonb, {expiry}) "
-                "ON CONFLICT (collection, id) DO UPDATE SET data = EXCLUDED.data, "
-                " created_at = now(), updated_at = now(), version = 1, "
-                " expires_at = EXCLUDED.expires_at, child_seq = 0 "
-                "WHERE d.expires_at IS NOT NULL AND d.expires_at <= now() "
-                "RETURNING {cols}"
-            ).format(t=self._table, expiry=expiry, cols=_COLUMNS),
-        )
-        rows = self._write_with_unique_retry(collection, statement, params)
-        if not rows:
-            raise DocumentExists(f"a document with this id already exists in {collection!r}")
-        return _to_document(rows[0])
+        return self._run(self._protocol.create(collection, data, id=id, ttl=ttl))
 
     def read(self, collection: str, id: str) -> Document | None:
-        check_name("collection", collection)
-        check_name("id", id)
-        statement = self._hot(
-            "read",
-            lambda: sql.SQL(
-                "SELECT {cols} FROM {t} WHERE collection = %s AND id = %s AND {live}"
-            ).format(cols=_COLUMNS, t=self._table, live=_LIVE),
-        )
-        rows = self._execute(statement, (collection, id), write=False)
-        return _to_document(rows[0]) if rows else None
+        return self._run(self._protocol.read(collection, id))
 
     def update(
         self,
@@ -594,7 +424,9 @@ class PostgresDocumentStore(DocumentStore):
         expected_version: int | None = None,
         ttl: Ttl | None = None,
     ) -> Document | None:
-        return self._modify(collection, id, data, expected_version, ttl, merge=True)
+        return self._run(
+            self._protocol.modify(collection, id, data, expected_version, ttl, merge=True)
+        )
 
     def replace(
         self,
@@ -605,227 +437,24 @@ class PostgresDocumentStore(DocumentStore):
         expected_version: int | None = None,
         ttl: Ttl | None = None,
     ) -> Document | None:
-        return self._modify(collection, id, data, expected_version, ttl, merge=False)
-
-    def _modify(
-        self,
-        collection: str,
-        id: str,
-        data: dict[str, Any],
-        expected_version: int | None,
-        ttl: Ttl | None,
-        *,
-        merge: bool,
-    ) -> Document | None:
-        check_name("collection", collection)
-        check_name("id", id)
-        text = encode_data(data, self._max_document_bytes)
-        version = _check_version(expected_version)
-        ttl_seconds = check_ttl(ttl)
-        new_data = sql.SQL("data || %s::jsonb" if merge else "%s::jsonb")
-        params: list[Any] = [text]
-        assignments = [sql.SQL("data = {}").format(new_data)]
-        if ttl_seconds is not None:
-            assignments.append(sql.SQL("expires_at = {}").format(_expiry_sql(ttl_seconds, params)))
-        params.extend([collection, id])
-        guards = [_LIVE]
-        if merge:
-            # The merged document must respect the size limit too.
-            guards.append(sql.SQL("octet_length((data || %s::jsonb)::text) <= %s"))
-            params.extend([text, self._max_document_bytes])
-        if version is not None:
-            guards.append(sql.SQL("version = %s"))
-            params.append(version)
-        statement = self._hot(
-            ("modify", merge, ttl_seconds is None, version is None),
-            lambda: sql.SQL(
-                "UPDATE {t} SET {assignments}, updated_at = now(), version = version + 1 "
-                "WHERE collection = %s AND id = %s AND {guards} RETURNING {cols}"
-            ).format(
-                t=self._table,
-                assignments=sql.SQL(", ").join(assignments),
-                guards=sql.SQL(" AND ").join(guards),
-                cols=_COLUMNS,
-            ),
-        )
-        rows = self._write_with_unique_retry(collection, statement, params)
-        if rows:
-            return _to_document(rows[0])
-        if version is None and not merge:
-            return None
-        self._explain_refusal(collection, id, version, text if merge else None)
-        return None
-
-    def _explain_refusal(
-        self, collection: str, id: str, expected_version: int | None, merged_text: str | None
-    ) -> None:
-        """Raise why a guarded write matched no row, or return None if the document is missing."""
-        size = sql.SQL("octet_length((data || %s::jsonb)::text)" if merged_text else "0")
-        statement = self._sql(
-            ("refusal", merged_text is not None),
-            lambda: sql.SQL(
-                "SELECT version, {size} FROM {t} WHERE collection = %s AND id = %s AND {live}"
-            ).format(size=size, t=self._table, live=_LIVE),
-        )
-        rows = self._execute(
-            statement,
-            ([merged_text] if merged_text is not None else []) + [collection, id],
-            write=False,
-        )
-        if not rows:
-            return None
-        actual_version, merged_bytes = rows[0]
-        if expected_version is not None and actual_version != expected_version:
-            raise VersionConflict(
-                f"expected version {expected_version}, found {actual_version}",
-                expected=expected_version,
-                actual=actual_version,
-            )
-        if merged_bytes > self._max_document_bytes:
-            raise InvalidDocument(
-                f"the merged document would be {merged_bytes} bytes, more than the limit "
-                f"of {self._max_document_bytes}"
-            )
-        # The row changed between the two statements; report it as a conflict.
-        raise VersionConflict(
-            "the document changed concurrently", expected=expected_version, actual=actual_version
+        return self._run(
+            self._protocol.modify(collection, id, data, expected_version, ttl, merge=False)
         )
 
     def upsert(
         self, collection: str, id: str, data: dict[str, Any], *, ttl: Ttl | None = None
     ) -> Document:
-        check_name("collection", collection)
-        check_name("id", id)
-        text = encode_data(data, self._max_document_bytes)
-        ttl_seconds = check_ttl(ttl)
-        params: list[Any] = [collection, id, text]
-        expiry = _expiry_sql(ttl_seconds, params)
-        params.append(self._max_document_bytes)
-        expired = sql.SQL("(d.expires_at IS NOT NULL AND d.expires_at <= now())")
-        statement = self._hot(
-            ("upsert", ttl_seconds is None),
-            lambda: sql.SQL(
-                "INSERT INTO {t} AS d (collection, id, data, expires_at) "
-                "VALUES (%s, %s, %s::jsonb, {expiry}) "
-                "ON CONFLICT (collection, id) DO UPDATE SET "
-                " data = CASE WHEN {expired} THEN EXCLUDED.data ELSE d.data || EXCLUDED.data END, "
-                " created_at = CASE WHEN {expired} THEN now() ELSE d.created_at END, "
-                " updated_at = now(), "
-                " version = CASE WHEN {expired} THEN 1 ELSE d.version + 1 END, "
-                " expires_at = CASE WHEN {expired} THEN EXCLUDED.expires_at "
-                "   ELSE COALESCE(EXCLUDED.expires_at, d.expires_at) END, "
-                " child_seq = CASE WHEN {expired} THEN 0 ELSE d.child_seq END "
-                "WHERE {expired} OR octet_length((d.data || EXCLUDED.data)::text) <= %s "
-                "RETURNING {cols}"
-            ).format(t=self._table, expiry=expiry, expired=expired, cols=_COLUMNS),
-        )
-        rows = self._write_with_unique_retry(collection, statement, params)
-        if not rows:
-            self._explain_refusal(collection, id, None, text)
-            raise DocstoreError("upsert matched no row")  # only if the row vanished meanwhile
-        return _to_document(rows[0])
+        return self._run(self._protocol.upsert(collection, id, data, ttl=ttl))
 
     def delete(self, collection: str, id: str, *, expected_version: int | None = None) -> bool:
-        check_name("collection", collection)
-        check_name("id", id)
-        version = _check_version(expected_version)
-        params: list[Any] = [collection, id]
-        guard = sql.SQL("")
-        if version is not None:
-            guard = sql.SQL(" AND version = %s")
-            params.append(version)
-        statement = self._hot(
-            ("delete", version is None),
-            lambda: sql.SQL(
-                "DELETE FROM {t} WHERE collection = %s AND id = %s AND {live}{guard} RETURNING 1"
-            ).format(t=self._table, live=_LIVE, guard=guard),
-        )
-        rows = self._execute(statement, params)
-        if rows:
-            return True
-        if version is not None:
-            self._explain_refusal(collection, id, version, None)
-        return False
+        return self._run(self._protocol.delete(collection, id, expected_version=expected_version))
 
     def rename(
         self, collection: str, id: str, new_id: str, *, expected_version: int | None = None
     ) -> Document | None:
-        check_name("collection", collection)
-        check_name("id", id)
-        check_name("id", new_id)
-        version = _check_version(expected_version)
-        if new_id == id:
-            raise DocumentExists("new_id is the document's own id")
-        params: list[Any] = [new_id, collection, id]
-        guard = sql.SQL("")
-        if version is not None:
-            guard = sql.SQL(" AND version = %s")
-            params.append(version)
-        statement = self._hot(
-            ("rename", version is None),
-            lambda: sql.SQL(
-                "UPDATE {t} SET id = %s, version = version + 1, updated_at = now() "
-                "WHERE collection = %s AND id = %s AND {live}{guard} RETURNING {cols}"
-            ).format(t=self._table, live=_LIVE, guard=guard, cols=_COLUMNS),
+        return self._run(
+            self._protocol.rename(collection, id, new_id, expected_version=expected_version)
         )
-        rows = self._write_clearing_expired(collection, new_id, statement, params)
-        if rows:
-            return _to_document(rows[0])
-        if version is not None:
-            self._explain_refusal(collection, id, version, None)
-        return None
-
-    # -- conflicts with expired rows -------------------------------------------
-
-    def _write_with_unique_retry(
-        self, collection: str, statement: str | _Prepared, params: Sequence[Any]
-    ) -> list[tuple[Any, ...]]:
-        """Run a write; if a unique index refuses it, drop expired rows of the collection once.
-
-        Unique indexes cannot tell live rows from expired ones, and expired
-        documents must never conflict.
-        """
-        try:
-            return self._execute(statement, params)
-        except DocumentExists:
-            if not self._purge_expired_in(collection):
-                raise
-        return self._execute(statement, params)
-
-    def _write_clearing_expired(
-        self, collection: str, id: str, statement: str | _Prepared, params: Sequence[Any]
-    ) -> list[tuple[Any, ...]]:
-        """Run a write that claims `id`, retrying when the id (or a unique value) was taken.
-
-        The retry sees what took it: an expired row (removed first), a
-        concurrent writer's row (an idempotent `append` then returns it), or a
-        live conflict that raises DocumentExists again.
-        """
-        for attempt in range(3):
-            try:
-                return self._execute(statement, params)
-            except DocumentExists:
-                if attempt == 2:
-                    raise
-                clear = self._sql(
-                    "clear expired id",
-                    lambda: sql.SQL(
-                        "DELETE FROM {t} WHERE collection = %s AND id = %s AND NOT {live}"
-                    ).format(t=self._table, live=_LIVE),
-                )
-                self._execute(clear, (collection, id))
-                self._purge_expired_in(collection)
-        raise AssertionError("unreachable")
-
-    def _purge_expired_in(self, collection: str) -> bool:
-        statement = self._sql(
-            "purge collection",
-            lambda: sql.SQL("DELETE FROM {t} WHERE collection = %s AND NOT {live}").format(
-                t=self._table, live=_LIVE
-            ),
-        )
-        rows = self._execute(statement, (collection,))
-        return bool(rows and rows[0][0])
 
     # -- many documents -----------------------------------------------------
 
@@ -839,145 +468,31 @@ class PostgresDocumentStore(DocumentStore):
         order_by: OrderBy | None = None,
         after: Document | None = None,
     ) -> list[Document]:
-        check_name("collection", collection)
-        check_paging(limit, offset)
-        conditions = parse_filters(filters)
-        keys = parse_order_by(order_by)
-        cursor: list[Any] = []
-        keyset: sql.Composable = sql.SQL("TRUE")
-        if after is not None:
-            columns = keyset_columns(keys)
-            cursor = keyset_params(keyset_values(after, columns))
-            keyset = compile_keyset(columns)
-        statement = self._sql(
-            ("query", tuple(map(condition_shape, conditions)), tuple(keys), after is None),
-            lambda: sql.SQL(
-                "SELECT {cols} FROM {t} WHERE collection = %s AND {live} AND {where} "
-                "AND {keyset} ORDER BY {order} LIMIT %s OFFSET %s"
-            ).format(
-                cols=_COLUMNS,
-                t=self._table,
-                live=_LIVE,
-                where=compile_where(conditions),
-                keyset=keyset,
-                order=compile_order_by(keys),
-            ),
+        return self._run(
+            self._protocol.query(
+                collection, filters, limit=limit, offset=offset, order_by=order_by, after=after
+            )
         )
-        params = [collection, *condition_params(conditions), *cursor, limit, offset]
-        rows = self._execute(statement, params, write=False)
-        return [_to_document(row) for row in rows]
 
     def count(self, collection: str, filters: Filters | None = None) -> int:
-        check_name("collection", collection)
-        conditions = parse_filters(filters)
-        statement = self._sql(
-            ("count", tuple(map(condition_shape, conditions))),
-            lambda: sql.SQL(
-                "SELECT count(*) FROM {t} WHERE collection = %s AND {live} AND {where}"
-            ).format(t=self._table, live=_LIVE, where=compile_where(conditions)),
-        )
-        rows = self._execute(statement, [collection, *condition_params(conditions)], write=False)
-        return int(rows[0][0])
+        return self._run(self._protocol.count(collection, filters))
 
     def list_collections(self) -> list[str]:
-        statement = self._sql(
-            "collections",
-            lambda: sql.SQL(
-                'SELECT DISTINCT collection COLLATE "C" AS name FROM {t} WHERE {live} ORDER BY name'
-            ).format(t=self._table, live=_LIVE),
-        )
-        rows = self._execute(statement, write=False)
-        return [row[0] for row in rows]
+        return self._run(self._protocol.list_collections())
 
     def delete_collection(self, collection: str) -> bool:
-        check_name("collection", collection)
-        statement = self._sql(
-            "delete collection",
-            lambda: sql.SQL(
-                "WITH gone AS (DELETE FROM {t} WHERE collection = %s RETURNING {live} AS live) "
-                "SELECT coalesce(bool_or(live), false) FROM gone"
-            ).format(t=self._table, live=_LIVE),
-        )
-        rows = self._execute(statement, (collection,))
-        return bool(rows[0][0])
+        return self._run(self._protocol.delete_collection(collection))
 
     def delete_many(self, collection: str, filters: Filters) -> int:
-        check_name("collection", collection)
-        if filters is None:
-            raise InvalidQuery("delete_many needs filters; pass {} to delete every document")
-        conditions = parse_filters(filters)
-        statement = self._sql(
-            ("delete many", tuple(map(condition_shape, conditions))),
-            lambda: sql.SQL("DELETE FROM {t} WHERE collection = %s AND {live} AND {where}").format(
-                t=self._table, live=_LIVE, where=compile_where(conditions)
-            ),
-        )
-        rows = self._execute(statement, [collection, *condition_params(conditions)])
-        return int(rows[0][0])
+        return self._run(self._protocol.delete_many(collection, filters))
 
     def purge_expired(self, collection: str | None = None, *, batch_size: int = 1000) -> int:
-        if collection is not None:
-            check_name("collection", collection)
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise InvalidQuery(f"batch_size must be an int >= 1, not {batch_size!r}")
-        scope = sql.SQL("")
-        params: list[Any] = []
-        if collection is not None:
-            scope = sql.SQL(" AND collection = %s")
-            params.append(collection)
-        params.append(batch_size)
-        statement = self._sql(
-            ("purge", collection is None),
-            lambda: sql.SQL(
-                "DELETE FROM {t} WHERE ctid = ANY(ARRAY("
-                " SELECT ctid FROM {t} WHERE expires_at <= now(){scope} LIMIT %s))"
-            ).format(t=self._table, scope=scope),
-        )
-        total = 0
-        while True:
-            deleted = int(self._execute(statement, params)[0][0])
-            total += deleted
-            if deleted < batch_size:
-                return total
+        return self._run(self._protocol.purge_expired(collection, batch_size=batch_size))
 
     def ensure_index(
         self, collection: str, paths: str | Sequence[str], *, unique: bool = False
     ) -> None:
-        check_name("collection", collection)
-        parsed = [parse_path(path) for path in iter_paths(paths)]
-        if not parsed:
-            raise InvalidQuery("ensure_index needs at least one field path")
-        key = repr((collection, parsed, bool(unique)))
-        if key in self._ensured_indexes:
-            return
-        digest = hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
-        columns = [path_expression(path) for path in parsed]
-        if not unique:
-            # id last, so that order_by on these paths (ties broken by id) reads the index in order.
-            columns.append(sql.SQL("id"))
-        statement = sql.SQL(
-            "CREATE {unique}INDEX IF NOT EXISTS {name} ON {t} ({columns}) WHERE collection = {coll}"
-        ).format(
-            unique=sql.SQL("UNIQUE " if unique else ""),
-            name=self._name(f"ix_{digest}"),
-            t=self._table,
-            columns=sql.SQL(", ").join(columns),
-            coll=PercentSafeLiteral(collection),
-        )
-        lock_name = PercentSafeLiteral(f"docstore index {self._table_name}")
-        lock = sql.SQL("SELECT pg_advisory_lock(hashtext({}))").format(lock_name)
-        unlock = sql.SQL("SELECT pg_advisory_unlock(hashtext({}))").format(lock_name)
-        if unique:
-            self._purge_expired_in(collection)
-        # Two processes creating the same index at once would collide in the catalog.
-        with self._connection() as conn, conn.cursor() as cur:
-            cur.execute(lock, ())
-            try:
-                cur.execute(statement, ())
-            finally:
-                if conn.closed == 0:
-                    cur.execute(unlock, ())
-        self._ensured_indexes.add(key)
+        self._run(self._protocol.ensure_index(collection, paths, unique=unique))
 
     # -- sequences ----------------------------------------------------------
 
@@ -991,170 +506,11 @@ class PostgresDocumentStore(DocumentStore):
         ttl: Ttl | None = None,
         parent_ttl: Ttl | None = None,
     ) -> tuple[Document, Document] | None:
-        check_name("collection", collection)
-        parent_collection, parent_id = check_parent(parent)
-        child_id = check_name("id", id) if id is not None else _new_id()
-        # One encoding, with room for the "parent" and "seq" the statement adds.
-        added = f',"parent":{json.dumps(parent_id, ensure_ascii=False)},"seq":{_SEQ_PLACEHOLDER}'
-        text = encode_data(data, self._max_document_bytes, reserve=len(added.encode("utf-8")))
-        ttl_seconds = check_ttl(ttl)
-        parent_ttl_seconds = check_ttl(parent_ttl)
-        params: list[Any] = [collection, child_id]
-        parent_expiry: sql.Composable = sql.SQL("")
-        if parent_ttl_seconds is not None:
-            parent_expiry = sql.SQL(", expires_at = {}").format(
-                _expiry_sql(parent_ttl_seconds, params)
+        return self._run(
+            self._protocol.append(
+                collection, data, parent=parent, id=id, ttl=ttl, parent_ttl=parent_ttl
             )
-        params.extend([parent_collection, parent_id])
-        params.extend([collection, child_id, text, parent_id])
-        expiry = _expiry_sql(ttl_seconds, params)
-        params.extend([parent_collection, parent_id])
-        statement = self._hot(
-            ("append", ttl_seconds is None, parent_ttl_seconds is None),
-            lambda: sql.SQL(
-                "WITH existing AS ("
-                " SELECT {cols} FROM {t} WHERE collection = %s AND id = %s AND {live}"
-                "), parent AS ("
-                " UPDATE {t} SET version = version + 1, updated_at = now(),"
-                "  child_seq = child_seq + 1{parent_expiry}"
-                " WHERE collection = %s AND id = %s AND {live}"
-                "  AND NOT EXISTS (SELECT 1 FROM existing)"
-                " RETURNING {cols}, child_seq"
-                "), child AS ("
-                " INSERT INTO {t} (collection, id, data, expires_at)"
-                " SELECT %s, %s,"
-                "  %s::jsonb || jsonb_build_object('parent', %s::text, 'seq', parent.child_seq),"
-                "  {expiry} FROM parent"
-                " RETURNING {cols}"
-                ") "
-                "SELECT 'parent', {cols} FROM parent "
-                "UNION ALL SELECT 'child', {cols} FROM child "
-                "UNION ALL SELECT 'child', {cols} FROM existing "
-                "UNION ALL SELECT 'parent', {cols} FROM {t}"
-                " WHERE collection = %s AND id = %s AND {live} AND EXISTS (SELECT 1 FROM existing)"
-            ).format(
-                cols=_COLUMNS,
-                t=self._table,
-                live=_LIVE,
-                expiry=expiry,
-                parent_expiry=parent_expiry,
-            ),
         )
-        rows = self._write_clearing_expired(collection, child_id, statement, params)
-        found = {row[0]: _to_document(row[1:]) for row in rows}
-        if "parent" not in found or "child" not in found:
-            return None
-        return found["parent"], found["child"]
-
-    def pop_child(
-        self,
-        collection: str,
-        filters: Filters,
-        *,
-        parent: tuple[str, str],
-        parent_ttl: Ttl | None = None,
-    ) -> tuple[Document, Document | None] | None:
-        rows = self._remove_children(collection, filters, parent, parent_ttl, newest_only=True)
-        found = {row[0]: _to_document(row[1:]) for row in rows}
-        if "parent" not in found:
-            return None
-        return found["parent"], found.get("child")
-
-    def delete_children(
-        self,
-        collection: str,
-        filters: Filters,
-        *,
-        parent: tuple[str, str],
-        parent_ttl: Ttl | None = None,
-    ) -> tuple[Document, int] | None:
-        rows = self._remove_children(collection, filters, parent, parent_ttl, newest_only=False)
-        if not rows:
-            return None
-        return _to_document(rows[0][:-1]), int(rows[0][-1])
-
-    def _remove_children(
-        self,
-        collection: str,
-        filters: Filters,
-        parent: tuple[str, str],
-        parent_ttl: Ttl | None,
-        *,
-        newest_only: bool,
-    ) -> list[tuple[Any, ...]]:
-        """Lock the parent, then bump it and delete its (newest) matching child.
-
-        Two statements in one round trip, which PostgreSQL runs as one implicit
-        transaction. The first only locks the parent row. The second takes its
-        snapshot after that, so it sees every append that committed before the
-        lock (a single statement would take its snapshot before waiting for the
-        lock and could miss an append that committed meanwhile, popping an
-        older child); appends and other pops of this parent wait for the lock.
-        """
-        check_name("collection", collection)
-        if filters is None:
-            raise InvalidQuery("filters must select the children; pass {} for all of them")
-        parent_collection, parent_id = check_parent(parent)
-        conditions = parse_filters(filters)
-        parent_ttl_seconds = check_ttl(parent_ttl)
-        params: list[Any] = [parent_collection, parent_id]
-        parent_expiry: sql.Composable = sql.SQL("")
-        if parent_ttl_seconds is not None:
-            parent_expiry = sql.SQL(", expires_at = {}").format(
-                _expiry_sql(parent_ttl_seconds, params)
-            )
-        params.extend([parent_collection, parent_id, collection])
-        params.extend(condition_params(conditions))
-        fields = {
-            "t": self._table,
-            "live": _LIVE,
-            "cols": _COLUMNS,
-            "seq": path_expression(("seq",)),
-            "where": compile_where(conditions),
-            "parent_expiry": parent_expiry,
-        }
-
-        def build() -> sql.Composable:
-            lock = sql.SQL(
-                "SELECT 1 FROM {t} WHERE collection = %s AND id = %s AND {live} "
-                "FOR NO KEY UPDATE; "
-            ).format(**fields)
-            bump = sql.SQL(
-                "WITH parent AS ("
-                " UPDATE {t} SET version = version + 1, updated_at = now(){parent_expiry}"
-                " WHERE collection = %s AND id = %s AND {live}"
-                " RETURNING {cols}"
-                ")"
-            ).format(**fields)
-            children = sql.SQL(
-                "collection = %s AND {live} AND {where} AND jsonb_typeof({seq}) = 'number'"
-                " AND EXISTS (SELECT 1 FROM parent)"
-            ).format(**fields)
-            if newest_only:
-                remove = sql.SQL(
-                    ", victim AS ("
-                    " SELECT collection, id FROM {t} WHERE {children}"
-                    " ORDER BY {seq} DESC, id DESC LIMIT 1 FOR UPDATE"
-                    "), gone AS ("
-                    " DELETE FROM {t} USING victim"
-                    " WHERE {t}.collection = victim.collection AND {t}.id = victim.id"
-                    " RETURNING {t}.id, {t}.collection, {t}.data, {t}.created_at,"
-                    " {t}.updated_at, {t}.version, {t}.expires_at"
-                    ") "
-                    "SELECT 'parent', {cols} FROM parent UNION ALL SELECT 'child', {cols} FROM gone"
-                ).format(children=children, **fields)
-            else:
-                remove = sql.SQL(
-                    ", gone AS (DELETE FROM {t} WHERE {children} RETURNING 1) "
-                    "SELECT {cols}, (SELECT count(*) FROM gone) FROM parent"
-                ).format(children=children, **fields)
-            return sql.Composed([lock, bump, remove])
-
-        shape = tuple(map(condition_shape, conditions))
-        statement = self._sql(
-            ("remove children", newest_only, shape, parent_ttl_seconds is None), build
-        )
-        return self._execute(statement, params)
 
     def _running_backends(self, pids: list[int]) -> set[int]:
         """Return which of these server processes are running a statement (the watchdog's probe).
@@ -1179,10 +535,6 @@ class PostgresDocumentStore(DocumentStore):
     def close(self) -> None:
         self._watchdog.close()
         self._pool.close()
-
-
-def _new_id() -> str:
-    return str(uuid.uuid4())
 
 
 def _backend_pid(conn: Connection) -> int:
@@ -1211,10 +563,10 @@ def _prepare_connection(conn: Connection) -> None:
     psycopg2.extras.register_default_jsonb(conn_or_curs=conn, loads=decode_json)
 
 
-def _text_for(conn: Connection, cur: Cursor, statement: str | _Prepared) -> str:
+def _text_for(conn: Connection, cur: Cursor, statement: Statement, prepare: bool) -> str:
     """Return the text to send for `statement`, preparing it on this connection first."""
-    if isinstance(statement, str):
-        return statement
+    if statement.name is None or not prepare:
+        return statement.text
     prepared: set[str] = conn.prepared  # type: ignore[attr-defined]
     if statement.name not in prepared:
         cur.execute(statement.definition, ())
@@ -1222,7 +574,7 @@ def _text_for(conn: Connection, cur: Cursor, statement: str | _Prepared) -> str:
     return statement.call
 
 
-def _rows(cur: Cursor) -> list[tuple[Any, ...]]:
+def _rows(cur: Cursor) -> Rows:
     if cur.description is None:
         return [(cur.rowcount,)]
     return list(cur.fetchall())
@@ -1230,13 +582,9 @@ def _rows(cur: Cursor) -> list[tuple[Any, ...]]:
 
 def _translate(exc: psycopg2.Error, *, broken: bool) -> DocstoreError:
     """Turn a driver error into the store's own error type."""
-    message = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-    if isinstance(exc, psycopg2.errors.UniqueViolation):
-        return DocumentExists(f"a live document already holds this id or unique value ({message})")
-    if isinstance(exc, psycopg2.errors.InvalidRegularExpression):
-        return InvalidQuery(f"PostgreSQL refused the pattern: {message}")
-    if isinstance(exc, psycopg2.errors.QueryCanceled):
-        return StoreUnavailable(f"the statement was cancelled (statement_timeout): {message}")
-    if broken or isinstance(exc, psycopg2.OperationalError | psycopg2.InterfaceError):
-        return StoreUnavailable(f"PostgreSQL is unavailable: {message}")
-    return DocstoreError(f"PostgreSQL refused the statement: {message}")
+    return translate_error(
+        exc.pgcode,
+        first_line(exc),
+        broken=broken,
+        connection_error=isinstance(exc, psycopg2.OperationalError | psycopg2.InterfaceError),
+    )

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from psycopg2 import sql
-from psycopg2.extras import Json
 
 from .errors import InvalidDocument, InvalidQuery
 from .store import check_json_value
@@ -172,10 +171,6 @@ def check_paging(limit: object, offset: object) -> None:
             raise InvalidQuery(f"{name} must be an int >= 0, not {value!r}")
 
 
-def _jsonb(value: Any) -> Any:
-    return Json(value, dumps=_compact_dumps)
-
-
 def _compact_dumps(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 
@@ -249,7 +244,7 @@ def condition_params(conditions: Sequence[Condition]) -> list[Any]:
         elif op == "$regex":
             params.append(operand)
         elif op != "$exists":
-            params.append(_jsonb(operand))
+            params.append(_compact_dumps(operand))
     return params
 
 

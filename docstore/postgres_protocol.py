@@ -1,0 +1,1065 @@
+"""What every PostgreSQL call sends and how it reads the answers, without any I/O.
+
+The sync store (`postgres.py`, psycopg2) and the async store
+(`async_postgres.py`, asyncpg) share this module and differ only in how they
+wait: each public call is a generator here (as in psycopg 3's
+`generators.py`) that validates its arguments, yields `Execute` or `Exclusive`
+requests, receives each request's rows (or has the store's own error thrown
+into it) and returns the call's result. A runner drives the generator:
+
+    gen = protocol.read(collection, id)
+    request = next(gen)            # validation errors are raised here
+    rows = <run request on a connection>
+    gen.send(rows)                 # -> StopIteration(value=result)
+
+So the SQL text, the filter compiler (`query.py`), validation, row decoding,
+the retries on unique conflicts with expired rows and the explanation of a
+refused guarded write exist once, and error translation (`translate_error`)
+works on SQLSTATE codes that both drivers report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+import threading
+import uuid
+from collections.abc import Callable, Generator, Hashable, Sequence
+from typing import Any, TypeVar
+
+from psycopg2 import sql
+
+from .document import Document
+from .errors import (
+    DocstoreError,
+    DocumentExists,
+    InvalidDocument,
+    InvalidQuery,
+    StoreUnavailable,
+    VersionConflict,
+)
+from .query import (
+    PercentSafeIdentifier,
+    PercentSafeLiteral,
+    check_paging,
+    compile_keyset,
+    compile_order_by,
+    compile_where,
+    condition_params,
+    condition_shape,
+    keyset_columns,
+    keyset_params,
+    keyset_values,
+    parse_filters,
+    parse_order_by,
+    parse_path,
+    path_expression,
+)
+from .store import (
+    Filters,
+    OrderBy,
+    Ttl,
+    check_name,
+    check_parent,
+    check_ttl,
+    encode_data,
+    iter_paths,
+)
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "STATEMENT_SAVEPOINT",
+    "Statement",
+    "Execute",
+    "Exclusive",
+    "Atomic",
+    "Request",
+    "Rows",
+    "Steps",
+    "PostgresProtocol",
+    "render",
+    "to_document",
+    "translate_error",
+    "check_table_name",
+]
+
+SCHEMA_VERSION = 1
+STATEMENT_SAVEPOINT = "docstore_statement"
+_COLUMNS = sql.SQL("id, collection, data, created_at, updated_at, version, expires_at")
+_LIVE = sql.SQL("(expires_at IS NULL OR expires_at > now())")
+# The largest seq a child could get, so that a size check made before the
+# server assigns the real one never underestimates the stored document.
+_SEQ_PLACEHOLDER = 2**62
+
+Rows = list[Sequence[Any]]
+T = TypeVar("T")
+
+
+@dataclasses.dataclass(frozen=True)
+class Statement:
+    """One statement's text, in the two placeholder styles the drivers take.
+
+    `text` uses `%s` (psycopg2 formats it client-side, `%%` is a literal `%`);
+    `numbered` uses `$1, $2, ...` with plain `%` (asyncpg, and the body of a
+    server-side `PREPARE`). `name` is set for the hot single-row statements
+    that a runner may prepare once per connection.
+    """
+
+    text: str
+    numbered: str
+    name: str | None = None
+    param_count: int = 0
+
+    @property
+    def definition(self) -> str:
+        """Return `PREPARE name AS ...` (the `%%` kept, for a client-side formatting driver)."""
+        return f"PREPARE {self.name} AS {self.numbered.replace('%', '%%')}"
+
+    @property
+    def call(self) -> str:
+        """Return `EXECUTE name(%s, ...)`, to run the prepared statement with `%s` parameters."""
+        arguments = ", ".join(["%s"] * self.param_count)
+        return f"EXECUTE {self.name}({arguments})" if self.param_count else f"EXECUTE {self.name}"
+
+
+_PLACEHOLDER = re.compile(r"%%|%s")
+
+
+def _numbered(text: str) -> tuple[str, int]:
+    """Return `text` with `$1, $2, ...` for its `%s` and `%` for its `%%`, and the count."""
+    count = 0
+
+    def number(match: re.Match[str]) -> str:
+        nonlocal count
+        if match.group() == "%%":
+            return "%"
+        count += 1
+        return f"${count}"
+
+    numbered = _PLACEHOLDER.sub(number, text)
+    return numbered, count
+
+
+def _statement(text: str, name: str | None = None) -> Statement:
+    numbered, count = _numbered(text)
+    return Statement(text, numbered, name, count)
+
+
+@dataclasses.dataclass(frozen=True)
+class Execute:
+    """Run one statement (autocommit, or inside the caller's transaction); send back its rows.
+
+    A statement that returns no rows answers `[(rowcount,)]`. `write=False`
+    lets a runner send a read once more on a fresh connection when the first
+    one turns out dead; a write is never resent (it may have committed).
+    """
+
+    statement: Statement
+    params: Sequence[Any] = ()
+    write: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class Exclusive:
+    """Run parameterless statements in order on one connection, then `cleanup` if it lives.
+
+    Answers the rows of the last statement. Used where a session-level lock
+    or an explicit transaction must span several statements.
+    """
+
+    statements: tuple[Statement, ...]
+    cleanup: Statement | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Atomic:
+    """Run `steps` as one unit (the caller's transaction, or one of their own); answer the last.
+
+    `combined` is the same statements joined by `;` with all their
+    parameters: a driver that formats parameters client-side (psycopg2)
+    sends it in one round trip, which PostgreSQL runs as one implicit
+    transaction; one that binds them server-side (asyncpg) runs the steps
+    in an explicit transaction.
+    """
+
+    steps: tuple[Execute, ...]
+    combined: Execute
+
+
+Request = Execute | Exclusive | Atomic
+Steps = Generator[Request, Rows, T]
+
+
+def render(composable: sql.Composable) -> str:
+    """Return the text of a psycopg2 `sql` composition, with no connection needed.
+
+    Identifiers and literals are quoted as PostgreSQL reads them whatever
+    `standard_conforming_strings` says (a string with a backslash uses the
+    E'' form), and their `%` signs are doubled: every statement is sent with a
+    parameter sequence, so the driver (or `Statement.numbered`) turns `%%`
+    back into `%`.
+    """
+    parts: list[str] = []
+    _render_into(composable, parts)
+    return "".join(parts)
+
+
+def _render_into(composable: sql.Composable, parts: list[str]) -> None:
+    if isinstance(composable, sql.Composed):
+        for part in composable.seq:
+            _render_into(part, parts)
+    elif isinstance(composable, sql.SQL):
+        parts.append(composable.string)
+    elif isinstance(composable, sql.Identifier):
+        parts.append(
+            ".".join('"' + name.replace('"', '""') + '"' for name in composable.strings).replace(
+                "%", "%%"
+            )
+        )
+    elif isinstance(composable, sql.Literal):
+        parts.append(_literal(composable.wrapped).replace("%", "%%"))
+    else:
+        raise TypeError(f"cannot render {type(composable).__name__}")
+
+
+def _literal(value: object) -> str:
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise InvalidQuery("a name must not contain NUL characters")
+        quoted = value.replace("'", "''")
+        if "\\" in quoted:
+            return "E'" + quoted.replace("\\", "\\\\") + "'"
+        return "'" + quoted + "'"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, list | tuple):
+        return "ARRAY[" + ",".join(_literal(item) for item in value) + "]"
+    raise TypeError(f"cannot render a literal of type {type(value).__name__}")
+
+
+def check_table_name(table: str) -> str:
+    """Return `table` if the store can use it as its table name, else raise InvalidDocument."""
+    check_name("table", table)
+    if len(table) > 40:
+        raise InvalidDocument("table name is longer than 40 characters")
+    return table
+
+
+def check_version(expected_version: object) -> int | None:
+    """Return `expected_version` if it is None or an int, else raise InvalidDocument."""
+    if expected_version is None:
+        return None
+    if isinstance(expected_version, bool) or not isinstance(expected_version, int):
+        raise InvalidDocument(f"expected_version must be an int, not {expected_version!r}")
+    return expected_version
+
+
+def _expiry_sql(ttl_seconds: float | None, params: list[Any]) -> sql.Composable:
+    if ttl_seconds is None:
+        return sql.SQL("NULL::timestamptz")
+    params.append(ttl_seconds)
+    return sql.SQL("(now() + %s * interval '1 second')")
+
+
+_new_object = object.__new__
+
+
+def to_document(row: Sequence[Any]) -> Document:
+    """Build the Document of one row of `id, collection, data, created_at, ...`."""
+    # Filling __dict__ directly skips the frozen dataclass's seven object.__setattr__
+    # calls, and one unpacking assignment is four times cheaper than
+    # update(zip(...)): together most of the cost of building each of the
+    # (often hundred) documents of a query. The targets are Document's fields
+    # in order (tests/docstore/test_postgres_store.py checks); a row of another
+    # length raises ValueError.
+    document: Document = _new_object(Document)
+    fields = document.__dict__
+    (
+        fields["id"],
+        fields["collection"],
+        fields["data"],
+        fields["created_at"],
+        fields["updated_at"],
+        fields["version"],
+        fields["expires_at"],
+    ) = row
+    return document
+
+
+def new_id() -> str:
+    """Return a new document id (a UUID4 string)."""
+    return str(uuid.uuid4())
+
+
+# SQLSTATE codes the store gives a meaning of its own.
+_UNIQUE_VIOLATION = "23505"
+_INVALID_REGULAR_EXPRESSION = "2201B"
+_QUERY_CANCELED = "57014"
+# Class 08 (connection exception), 53 (insufficient resources), 57P (operator
+# intervention: admin shutdown, crash shutdown, cannot connect now).
+_UNAVAILABLE_PREFIXES = ("08", "53", "57P")
+
+
+def translate_error(
+    sqlstate: str | None, message: str, *, broken: bool, connection_error: bool
+) -> DocstoreError:
+    """Turn a driver error (its SQLSTATE and first message line) into the store's own error.
+
+    `broken`: the connection is dead after the error; `connection_error`: the
+    driver classed the error as a connection or interface failure.
+    """
+    if sqlstate == _UNIQUE_VIOLATION:
+        return DocumentExists(f"a live document already holds this id or unique value ({message})")
+    if sqlstate == _INVALID_REGULAR_EXPRESSION:
+        return InvalidQuery(f"PostgreSQL refused the pattern: {message}")
+    if sqlstate == _QUERY_CANCELED:
+        return StoreUnavailable(f"the statement was cancelled (statement_timeout): {message}")
+    if broken or connection_error or (sqlstate or "").startswith(_UNAVAILABLE_PREFIXES):
+        return StoreUnavailable(f"PostgreSQL is unavailable: {message}")
+    return DocstoreError(f"PostgreSQL refused the statement: {message}")
+
+
+def write_outcome_unknown(error: StoreUnavailable) -> StoreUnavailable:
+    """Return the error for a write whose connection broke: it may have been committed."""
+    return StoreUnavailable(
+        "the connection broke during a write: it may or may not have been "
+        f"committed ({error})",
+        outcome_unknown=True,
+    )
+
+
+def commit_outcome_unknown() -> StoreUnavailable:
+    """Return the error for a transaction whose connection broke during COMMIT."""
+    return StoreUnavailable(
+        "the connection broke during COMMIT: the transaction may or may not have been committed",
+        outcome_unknown=True,
+    )
+
+
+def first_line(exc: BaseException) -> str:
+    """Return the first line of an exception's message (driver messages run long)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+class PostgresProtocol:
+    """The statements of one store table, and each call as a generator of requests.
+
+    Rendering `sql` compositions costs more than a local round trip, so each
+    statement's text is rendered once and kept, keyed by its shape.
+    Thread-safe: the only shared state is that cache.
+    """
+
+    def __init__(self, table: str, *, max_document_bytes: int) -> None:
+        self.table_name = check_table_name(table)
+        self.max_document_bytes = max_document_bytes
+        self._table = PercentSafeIdentifier(table)
+        self._statements: dict[Hashable, Statement] = {}
+        self._lock = threading.Lock()
+        self._ensured_indexes: set[str] = set()
+
+    # -- statement texts ----------------------------------------------------------
+
+    def _name(self, suffix: str) -> sql.Identifier:
+        return PercentSafeIdentifier(f"{self.table_name}_{suffix}")
+
+    def statement(self, key: Hashable, build: Callable[[], sql.Composable]) -> Statement:
+        """Return the statement `build` makes, rendering it once per key."""
+        found = self._statements.get(key)
+        if found is None:
+            text = render(build())
+            found = _statement(text)
+            if len(self._statements) > 2000:
+                self._statements.clear()  # unbounded query shapes must not grow memory forever
+            self._statements[key] = found
+        return found
+
+    def hot(self, key: Hashable, build: Callable[[], sql.Composable]) -> Statement:
+        """Return the statement with a name, for runners that prepare it once per connection."""
+        found = self._statements.get(key)
+        if found is None or found.name is None:
+            text = render(build())
+            # Under a lock: two threads naming two statements at once must not pick
+            # one name, or a connection would run one under the other's name.
+            with self._lock:
+                found = self._statements.get(key)
+                if found is None or found.name is None:
+                    digest = hashlib.sha256(repr(key).encode("utf-8")).hexdigest()[:16]
+                    found = _statement(text, name=f"docstore_{digest}")
+                    self._statements[key] = found
+        return found
+
+    @staticmethod
+    def plain(text: str) -> Statement:
+        """Return a parameterless statement written by hand (with `%%` for `%`)."""
+        return _statement(text)
+
+    # -- schema -----------------------------------------------------------------
+
+    def create_schema(self) -> Steps[str | None]:
+        """Create the table and its indexes if missing; return a warning to log, if any."""
+        statements = [
+            sql.SQL("BEGIN"),
+            sql.SQL("SELECT pg_advisory_xact_lock(hashtext({}))").format(
+                PercentSafeLiteral(f"docstore schema {self.table_name}")
+            ),
+            sql.SQL(
+                "CREATE TABLE IF NOT EXISTS {t} ("
+                " collection text NOT NULL,"
+                " id text NOT NULL,"
+                " data jsonb NOT NULL,"
+                " created_at timestamptz NOT NULL DEFAULT now(),"
+                " updated_at timestamptz NOT NULL DEFAULT now(),"
+                " version bigint NOT NULL DEFAULT 1,"
+                " expires_at timestamptz,"
+                " child_seq bigint NOT NULL DEFAULT 0,"
+                " PRIMARY KEY (collection, id))"
+            ).format(t=self._table),
+            sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} USING gin (data jsonb_path_ops)").format(
+                self._name("data_gin"), self._table
+            ),
+            sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} (collection, created_at, id)").format(
+                self._name("created"), self._table
+            ),
+            sql.SQL(
+                "CREATE INDEX IF NOT EXISTS {} ON {} (expires_at) WHERE expires_at IS NOT NULL"
+            ).format(self._name("expiry"), self._table),
+            sql.SQL(
+                "CREATE TABLE IF NOT EXISTS {} (key text PRIMARY KEY, value text NOT NULL)"
+            ).format(self._name("meta")),
+            sql.SQL(
+                "INSERT INTO {} (key, value) VALUES ('schema_version', {}) ON CONFLICT DO NOTHING"
+            ).format(self._name("meta"), PercentSafeLiteral(str(SCHEMA_VERSION))),
+            sql.SQL("COMMIT"),
+            sql.SQL(
+                "SELECT (SELECT value FROM {} WHERE key = 'schema_version'),"
+                """ '"B"'::jsonb < '"a"'::jsonb AND '"z"'::jsonb < '"é"'::jsonb"""
+            ).format(self._name("meta")),
+        ]
+        rows = yield Exclusive(
+            tuple(self.plain(render(statement)) for statement in statements),
+            cleanup=self.plain("ROLLBACK"),
+        )
+        stored_text, code_point_order = rows[0] if rows else (None, True)
+        stored = int(stored_text) if stored_text is not None else SCHEMA_VERSION
+        if stored > SCHEMA_VERSION:
+            raise DocstoreError(
+                f"table {self.table_name!r} has schema version {stored}, newer than "
+                f"this library's {SCHEMA_VERSION}; upgrade the library"
+            )
+        if not code_point_order:
+            return (
+                "the database collation does not order strings by code point; "
+                "string ranges and order_by follow the collation instead"
+            )
+        return None
+
+    # -- single documents ---------------------------------------------------------
+
+    def create(
+        self, collection: str, data: dict[str, Any], *, id: str | None, ttl: Ttl | None
+    ) -> Steps[Document]:
+        check_name("collection", collection)
+        doc_id = check_name("id", id) if id is not None else new_id()
+        text = encode_data(data, self.max_document_bytes)
+        ttl_seconds = check_ttl(ttl)
+        params: list[Any] = [collection, doc_id, text]
+        expiry = _expiry_sql(ttl_seconds, params)
+        statement = self.hot(
+            ("create", ttl_seconds is None),
+            lambda: sql.SQL(
+                "INSERT INTO {t} AS d (collection, id, data, expires_at) "
+                "VALUES (%s, %s, %s::jsonb, {expiry}) "
+                "ON CONFLICT (collection, id) DO UPDATE SET data = EXCLUDED.data, "
+                " created_at = now(), updated_at = now(), version = 1, "
+                " expires_at = EXCLUDED.expires_at, child_seq = 0 "
+                "WHERE d.expires_at IS NOT NULL AND d.expires_at <= now() "
+                "RETURNING {cols}"
+            ).format(t=self._table, expiry=expiry, cols=_COLUMNS),
+        )
+        rows = yield from self._write_with_unique_retry(collection, statement, params)
+        if not rows:
+            raise DocumentExists(f"a document with this id already exists in {collection!r}")
+        return to_document(rows[0])
+
+    def read(self, collection: str, id: str) -> Steps[Document | None]:
+        check_name("collection", collection)
+        check_name("id", id)
+        statement = self.hot(
+            "read",
+            lambda: sql.SQL(
+                "SELECT {cols} FROM {t} WHERE collection = %s AND id = %s AND {live}"
+            ).format(cols=_COLUMNS, t=self._table, live=_LIVE),
+        )
+        rows = yield Execute(statement, (collection, id), write=False)
+        return to_document(rows[0]) if rows else None
+
+    def modify(
+        self,
+        collection: str,
+        id: str,
+        data: dict[str, Any],
+        expected_version: int | None,
+        ttl: Ttl | None,
+        *,
+        merge: bool,
+    ) -> Steps[Document | None]:
+        """Update (`merge=True`) or replace a document."""
+        check_name("collection", collection)
+        check_name("id", id)
+        text = encode_data(data, self.max_document_bytes)
+        version = check_version(expected_version)
+        ttl_seconds = check_ttl(ttl)
+        new_data = sql.SQL("data || %s::jsonb" if merge else "%s::jsonb")
+        params: list[Any] = [text]
+        assignments = [sql.SQL("data = {}").format(new_data)]
+        if ttl_seconds is not None:
+            assignments.append(sql.SQL("expires_at = {}").format(_expiry_sql(ttl_seconds, params)))
+        params.extend([collection, id])
+        guards = [_LIVE]
+        if merge:
+            # The merged document must respect the size limit too.
+            guards.append(sql.SQL("octet_length((data || %s::jsonb)::text) <= %s"))
+            params.extend([text, self.max_document_bytes])
+        if version is not None:
+            guards.append(sql.SQL("version = %s"))
+            params.append(version)
+        statement = self.hot(
+            ("modify", merge, ttl_seconds is None, version is None),
+            lambda: sql.SQL(
+                "UPDATE {t} SET {assignments}, updated_at = now(), version = version + 1 "
+                "WHERE collection = %s AND id = %s AND {guards} RETURNING {cols}"
+            ).format(
+                t=self._table,
+                assignments=sql.SQL(", ").join(assignments),
+                guards=sql.SQL(" AND ").join(guards),
+                cols=_COLUMNS,
+            ),
+        )
+        rows = yield from self._write_with_unique_retry(collection, statement, params)
+        if rows:
+            return to_document(rows[0])
+        if version is None and not merge:
+            return None
+        yield from self._explain_refusal(collection, id, version, text if merge else None)
+        return None
+
+    def _explain_refusal(
+        self, collection: str, id: str, expected_version: int | None, merged_text: str | None
+    ) -> Steps[None]:
+        """Raise why a guarded write matched no row, or return None if the document is missing."""
+        size = sql.SQL("octet_length((data || %s::jsonb)::text)" if merged_text else "0")
+        statement = self.statement(
+            ("refusal", merged_text is not None),
+            lambda: sql.SQL(
+                "SELECT version, {size} FROM {t} WHERE collection = %s AND id = %s AND {live}"
+            ).format(size=size, t=self._table, live=_LIVE),
+        )
+        rows = yield Execute(
+            statement,
+            ([merged_text] if merged_text is not None else []) + [collection, id],
+            write=False,
+        )
+        if not rows:
+            return None
+        actual_version, merged_bytes = rows[0]
+        if expected_version is not None and actual_version != expected_version:
+            raise VersionConflict(
+                f"expected version {expected_version}, found {actual_version}",
+                expected=expected_version,
+                actual=actual_version,
+            )
+        if merged_bytes > self.max_document_bytes:
+            raise InvalidDocument(
+                f"the merged document would be {merged_bytes} bytes, more than the limit "
+                f"of {self.max_document_bytes}"
+            )
+        # The row changed between the two statements; report it as a conflict.
+        raise VersionConflict(
+            "the document changed concurrently", expected=expected_version, actual=actual_version
+        )
+
+    def upsert(
+        self, collection: str, id: str, data: dict[str, Any], *, ttl: Ttl | None
+    ) -> Steps[Document]:
+        check_name("collection", collection)
+        check_name("id", id)
+        text = encode_data(data, self.max_document_bytes)
+        ttl_seconds = check_ttl(ttl)
+        params: list[Any] = [collection, id, text]
+        expiry = _expiry_sql(ttl_seconds, params)
+        params.append(self.max_document_bytes)
+        expired = sql.SQL("(d.expires_at IS NOT NULL AND d.expires_at <= now())")
+        statement = self.hot(
+            ("upsert", ttl_seconds is None),
+            lambda: sql.SQL(
+                "INSERT INTO {t} AS d (collection, id, data, expires_at) "
+                "VALUES (%s, %s, %s::jsonb, {expiry}) "
+                "ON CONFLICT (collection, id) DO UPDATE SET "
+                " data = CASE WHEN {expired} THEN EXCLUDED.data ELSE d.data || EXCLUDED.data END, "
+                " created_at = CASE WHEN {expired} THEN now() ELSE d.created_at END, "
+                " updated_at = now(), "
+                " version = CASE WHEN {expired} THEN 1 ELSE d.version + 1 END, "
+                " expires_at = CASE WHEN {expired} THEN EXCLUDED.expires_at "
+                "   ELSE COALESCE(EXCLUDED.expires_at, d.expires_at) END, "
+                " child_seq = CASE WHEN {expired} THEN 0 ELSE d.child_seq END "
+                "WHERE {expired} OR octet_length((d.data || EXCLUDED.data)::text) <= %s "
+                "RETURNING {cols}"
+            ).format(t=self._table, expiry=expiry, expired=expired, cols=_COLUMNS),
+        )
+        rows = yield from self._write_with_unique_retry(collection, statement, params)
+        if not rows:
+            yield from self._explain_refusal(collection, id, None, text)
+            raise DocstoreError("upsert matched no row")  # only if the row vanished meanwhile
+        return to_document(rows[0])
+
+    def delete(self, collection: str, id: str, *, expected_version: int | None) -> Steps[bool]:
+        check_name("collection", collection)
+        check_name("id", id)
+        version = check_version(expected_version)
+        params: list[Any] = [collection, id]
+        guard = sql.SQL("")
+        if version is not None:
+            guard = sql.SQL(" AND version = %s")
+            params.append(version)
+        statement = self.hot(
+            ("delete", version is None),
+            lambda: sql.SQL(
+                "DELETE FROM {t} WHERE collection = %s AND id = %s AND {live}{guard} RETURNING 1"
+            ).format(t=self._table, live=_LIVE, guard=guard),
+        )
+        rows = yield Execute(statement, params)
+        if rows:
+            return True
+        if version is not None:
+            yield from self._explain_refusal(collection, id, version, None)
+        return False
+
+    def rename(
+        self, collection: str, id: str, new_id: str, *, expected_version: int | None
+    ) -> Steps[Document | None]:
+        check_name("collection", collection)
+        check_name("id", id)
+        check_name("id", new_id)
+        version = check_version(expected_version)
+        if new_id == id:
+            raise DocumentExists("new_id is the document's own id")
+        params: list[Any] = [new_id, collection, id]
+        guard = sql.SQL("")
+        if version is not None:
+            guard = sql.SQL(" AND version = %s")
+            params.append(version)
+        statement = self.hot(
+            ("rename", version is None),
+            lambda: sql.SQL(
+                "UPDATE {t} SET id = %s, version = version + 1, updated_at = now() "
+                "WHERE collection = %s AND id = %s AND {live}{guard} RETURNING {cols}"
+            ).format(t=self._table, live=_LIVE, guard=guard, cols=_COLUMNS),
+        )
+        rows = yield from self._write_clearing_expired(collection, new_id, statement, params)
+        if rows:
+            return to_document(rows[0])
+        if version is not None:
+            yield from self._explain_refusal(collection, id, version, None)
+        return None
+
+    # -- conflicts with expired rows ------------------------------------------------
+
+    def _write_with_unique_retry(
+        self, collection: str, statement: Statement, params: Sequence[Any]
+    ) -> Steps[Rows]:
+        """Run a write; if a unique index refuses it, drop expired rows of the collection once.
+
+        Unique indexes cannot tell live rows from expired ones, and expired
+        documents must never conflict.
+        """
+        try:
+            return (yield Execute(statement, params))
+        except DocumentExists:
+            if not (yield from self._purge_expired_in(collection)):
+                raise
+        return (yield Execute(statement, params))
+
+    def _write_clearing_expired(
+        self, collection: str, id: str, statement: Statement, params: Sequence[Any]
+    ) -> Steps[Rows]:
+        """Run a write that claims `id`, retrying when the id (or a unique value) was taken.
+
+        The retry sees what took it: an expired row (removed first), a
+        concurrent writer's row (an idempotent `append` then returns it), or a
+        live conflict that raises DocumentExists again.
+        """
+        for attempt in range(3):
+            try:
+                return (yield Execute(statement, params))
+            except DocumentExists:
+                if attempt == 2:
+                    raise
+                clear = self.statement(
+                    "clear expired id",
+                    lambda: sql.SQL(
+                        "DELETE FROM {t} WHERE collection = %s AND id = %s AND NOT {live}"
+                    ).format(t=self._table, live=_LIVE),
+                )
+                yield Execute(clear, (collection, id))
+                yield from self._purge_expired_in(collection)
+        raise AssertionError("unreachable")
+
+    def _purge_expired_in(self, collection: str) -> Steps[bool]:
+        statement = self.statement(
+            "purge collection",
+            lambda: sql.SQL("DELETE FROM {t} WHERE collection = %s AND NOT {live}").format(
+                t=self._table, live=_LIVE
+            ),
+        )
+        rows = yield Execute(statement, (collection,))
+        return bool(rows and rows[0][0])
+
+    # -- many documents -------------------------------------------------------------
+
+    def query(
+        self,
+        collection: str,
+        filters: Filters | None,
+        *,
+        limit: int | None,
+        offset: int,
+        order_by: OrderBy | None,
+        after: Document | None,
+    ) -> Steps[list[Document]]:
+        check_name("collection", collection)
+        check_paging(limit, offset)
+        conditions = parse_filters(filters)
+        keys = parse_order_by(order_by)
+        cursor: list[Any] = []
+        keyset: sql.Composable = sql.SQL("TRUE")
+        if after is not None:
+            columns = keyset_columns(keys)
+            cursor = keyset_params(keyset_values(after, columns))
+            keyset = compile_keyset(columns)
+        statement = self.statement(
+            ("query", tuple(map(condition_shape, conditions)), tuple(keys), after is None),
+            lambda: sql.SQL(
+                "SELECT {cols} FROM {t} WHERE collection = %s AND {live} AND {where} "
+                "AND {keyset} ORDER BY {order} LIMIT %s OFFSET %s"
+            ).format(
+                cols=_COLUMNS,
+                t=self._table,
+                live=_LIVE,
+                where=compile_where(conditions),
+                keyset=keyset,
+                order=compile_order_by(keys),
+            ),
+        )
+        params = [collection, *condition_params(conditions), *cursor, limit, offset]
+        rows = yield Execute(statement, params, write=False)
+        return [to_document(row) for row in rows]
+
+    def count(self, collection: str, filters: Filters | None) -> Steps[int]:
+        check_name("collection", collection)
+        conditions = parse_filters(filters)
+        statement = self.statement(
+            ("count", tuple(map(condition_shape, conditions))),
+            lambda: sql.SQL(
+                "SELECT count(*) FROM {t} WHERE collection = %s AND {live} AND {where}"
+            ).format(t=self._table, live=_LIVE, where=compile_where(conditions)),
+        )
+        rows = yield Execute(statement, [collection, *condition_params(conditions)], write=False)
+        return int(rows[0][0])
+
+    def list_collections(self) -> Steps[list[str]]:
+        statement = self.statement(
+            "collections",
+            lambda: sql.SQL(
+                'SELECT DISTINCT collection COLLATE "C" AS name FROM {t} WHERE {live} ORDER BY name'
+            ).format(t=self._table, live=_LIVE),
+        )
+        rows = yield Execute(statement, write=False)
+        return [row[0] for row in rows]
+
+    def delete_collection(self, collection: str) -> Steps[bool]:
+        check_name("collection", collection)
+        statement = self.statement(
+            "delete collection",
+            lambda: sql.SQL(
+                "WITH gone AS (DELETE FROM {t} WHERE collection = %s RETURNING {live} AS live) "
+                "SELECT coalesce(bool_or(live), false) FROM gone"
+            ).format(t=self._table, live=_LIVE),
+        )
+        rows = yield Execute(statement, (collection,))
+        return bool(rows[0][0])
+
+    def delete_many(self, collection: str, filters: Filters) -> Steps[int]:
+        check_name("collection", collection)
+        if filters is None:
+            raise InvalidQuery("delete_many needs filters; pass {} to delete every document")
+        conditions = parse_filters(filters)
+        statement = self.statement(
+            ("delete many", tuple(map(condition_shape, conditions))),
+            lambda: sql.SQL("DELETE FROM {t} WHERE collection = %s AND {live} AND {where}").format(
+                t=self._table, live=_LIVE, where=compile_where(conditions)
+            ),
+        )
+        rows = yield Execute(statement, [collection, *condition_params(conditions)])
+        return int(rows[0][0])
+
+    def purge_expired(self, collection: str | None, *, batch_size: int) -> Steps[int]:
+        if collection is not None:
+            check_name("collection", collection)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise InvalidQuery(f"batch_size must be an int >= 1, not {batch_size!r}")
+        scope = sql.SQL("")
+        params: list[Any] = []
+        if collection is not None:
+            scope = sql.SQL(" AND collection = %s")
+            params.append(collection)
+        params.append(batch_size)
+        statement = self.statement(
+            ("purge", collection is None),
+            lambda: sql.SQL(
+                "DELETE FROM {t} WHERE ctid = ANY(ARRAY("
+                " SELECT ctid FROM {t} WHERE expires_at <= now(){scope} LIMIT %s))"
+            ).format(t=self._table, scope=scope),
+        )
+        total = 0
+        while True:
+            deleted = int((yield Execute(statement, params))[0][0])
+            total += deleted
+            if deleted < batch_size:
+                return total
+
+    def ensure_index(
+        self, collection: str, paths: str | Sequence[str], *, unique: bool
+    ) -> Steps[None]:
+        check_name("collection", collection)
+        parsed = [parse_path(path) for path in iter_paths(paths)]
+        if not parsed:
+            raise InvalidQuery("ensure_index needs at least one field path")
+        key = repr((collection, parsed, bool(unique)))
+        if key in self._ensured_indexes:
+            return
+        digest = hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
+        columns = [path_expression(path) for path in parsed]
+        if not unique:
+            # id last, so that order_by on these paths (ties broken by id) reads the index in order.
+            columns.append(sql.SQL("id"))
+        statement = sql.SQL(
+            "CREATE {unique}INDEX IF NOT EXISTS {name} ON {t} ({columns}) WHERE collection = {coll}"
+        ).format(
+            unique=sql.SQL("UNIQUE " if unique else ""),
+            name=self._name(f"ix_{digest}"),
+            t=self._table,
+            columns=sql.SQL(", ").join(columns),
+            coll=PercentSafeLiteral(collection),
+        )
+        lock_name = PercentSafeLiteral(f"docstore index {self.table_name}")
+        lock = sql.SQL("SELECT pg_advisory_lock(hashtext({}))").format(lock_name)
+        unlock = sql.SQL("SELECT pg_advisory_unlock(hashtext({}))").format(lock_name)
+        if unique:
+            yield from self._purge_expired_in(collection)
+        # Two processes creating the same index at once would collide in the catalog.
+        yield Exclusive(
+            (self.plain(render(lock)), self.plain(render(statement))),
+            cleanup=self.plain(render(unlock)),
+        )
+        self._ensured_indexes.add(key)
+
+    # -- sequences --------------------------------------------------------------
+
+    def append(
+        self,
+        collection: str,
+        data: dict[str, Any],
+        *,
+        parent: tuple[str, str],
+        id: str | None,
+        ttl: Ttl | None,
+        parent_ttl: Ttl | None,
+    ) -> Steps[tuple[Document, Document] | None]:
+        check_name("collection", collection)
+        parent_collection, parent_id = check_parent(parent)
+        child_id = check_name("id", id) if id is not None else new_id()
+        # One encoding, with room for the "parent" and "seq" the statement adds.
+        added = f',"parent":{json.dumps(parent_id, ensure_ascii=False)},"seq":{_SEQ_PLACEHOLDER}'
+        text = encode_data(data, self.max_document_bytes, reserve=len(added.encode("utf-8")))
+        ttl_seconds = check_ttl(ttl)
+        parent_ttl_seconds = check_ttl(parent_ttl)
+        params: list[Any] = [collection, child_id]
+        parent_expiry: sql.Composable = sql.SQL("")
+        if parent_ttl_seconds is not None:
+            parent_expiry = sql.SQL(", expires_at = {}").format(
+                _expiry_sql(parent_ttl_seconds, params)
+            )
+        params.extend([parent_collection, parent_id])
+        params.extend([collection, child_id, text, parent_id])
+        expiry = _expiry_sql(ttl_seconds, params)
+        params.extend([parent_collection, parent_id])
+        statement = self.hot(
+            ("append", ttl_seconds is None, parent_ttl_seconds is None),
+            lambda: sql.SQL(
+                "WITH existing AS ("
+                " SELECT {cols} FROM {t} WHERE collection = %s AND id = %s AND {live}"
+                "), parent AS ("
+                " UPDATE {t} SET version = version + 1, updated_at = now(),"
+                "  child_seq = child_seq + 1{parent_expiry}"
+                " WHERE collection = %s AND id = %s AND {live}"
+                "  AND NOT EXISTS (SELECT 1 FROM existing)"
+                " RETURNING {cols}, child_seq"
+                "), child AS ("
+                " INSERT INTO {t} (collection, id, data, expires_at)"
+                " SELECT %s, %s,"
+                "  %s::jsonb || jsonb_build_object('parent', %s::text, 'seq', parent.child_seq),"
+                "  {expiry} FROM parent"
+                " RETURNING {cols}"
+                ") "
+                "SELECT 'parent', {cols} FROM parent "
+                "UNION ALL SELECT 'child', {cols} FROM child "
+                "UNION ALL SELECT 'child', {cols} FROM existing "
+                "UNION ALL SELECT 'parent', {cols} FROM {t}"
+                " WHERE collection = %s AND id = %s AND {live} AND EXISTS (SELECT 1 FROM existing)"
+            ).format(
+                cols=_COLUMNS,
+                t=self._table,
+                live=_LIVE,
+                expiry=expiry,
+                parent_expiry=parent_expiry,
+            ),
+        )
+        rows = yield from self._write_clearing_expired(collection, child_id, statement, params)
+        found = {row[0]: to_document(row[1:]) for row in rows}
+        if "parent" not in found or "child" not in found:
+            return None
+        return found["parent"], found["child"]
+
+    def pop_child(
+        self,
+        collection: str,
+        filters: Filters,
+        *,
+        parent: tuple[str, str],
+        parent_ttl: Ttl | None,
+    ) -> Steps[tuple[Document, Document | None] | None]:
+        rows = yield from self._remove_children(
+            collection, filters, parent, parent_ttl, newest_only=True
+        )
+        found = {row[0]: to_document(row[1:]) for row in rows}
+        if "parent" not in found:
+            return None
+        return found["parent"], found.get("child")
+
+    def delete_children(
+        self,
+        collection: str,
+        filters: Filters,
+        *,
+        parent: tuple[str, str],
+        parent_ttl: Ttl | None,
+    ) -> Steps[tuple[Document, int] | None]:
+        rows = yield from self._remove_children(
+            collection, filters, parent, parent_ttl, newest_only=False
+        )
+        if not rows:
+            return None
+        row = tuple(rows[0])
+        return to_document(row[:-1]), int(row[-1])
+
+    def _remove_children(
+        self,
+        collection: str,
+        filters: Filters,
+        parent: tuple[str, str],
+        parent_ttl: Ttl | None,
+        *,
+        newest_only: bool,
+    ) -> Steps[Rows]:
+        """Lock the parent, then bump it and delete its (newest) matching child.
+
+        Two statements run as one unit (see `Atomic`). The first only locks the
+        parent row. The second takes its snapshot after that, so it sees every
+        append that committed before the lock (a single statement would take
+        its snapshot before waiting for the lock and could miss an append that
+        committed meanwhile, popping an older child); appends and other pops
+        of this parent wait for the lock.
+        """
+        check_name("collection", collection)
+        if filters is None:
+            raise InvalidQuery("filters must select the children; pass {} for all of them")
+        parent_collection, parent_id = check_parent(parent)
+        conditions = parse_filters(filters)
+        parent_ttl_seconds = check_ttl(parent_ttl)
+        lock_params: list[Any] = [parent_collection, parent_id]
+        params: list[Any] = []
+        parent_expiry: sql.Composable = sql.SQL("")
+        if parent_ttl_seconds is not None:
+            parent_expiry = sql.SQL(", expires_at = {}").format(
+                _expiry_sql(parent_ttl_seconds, params)
+            )
+        params.extend([parent_collection, parent_id, collection])
+        params.extend(condition_params(conditions))
+        fields = {
+            "t": self._table,
+            "live": _LIVE,
+            "cols": _COLUMNS,
+            "seq": path_expression(("seq",)),
+            "where": compile_where(conditions),
+            "parent_expiry": parent_expiry,
+        }
+
+        def build_lock() -> sql.Composable:
+            return sql.SQL(
+                "SELECT 1 FROM {t} WHERE collection = %s AND id = %s AND {live} FOR NO KEY UPDATE"
+            ).format(**fields)
+
+        def build_remove() -> sql.Composable:
+            bump = sql.SQL(
+                "WITH parent AS ("
+                " UPDATE {t} SET version = version + 1, updated_at = now(){parent_expiry}"
+                " WHERE collection = %s AND id = %s AND {live}"
+                " RETURNING {cols}"
+                ")"
+            ).format(**fields)
+            children = sql.SQL(
+                "collection = %s AND {live} AND {where} AND jsonb_typeof({seq}) = 'number'"
+                " AND EXISTS (SELECT 1 FROM parent)"
+            ).format(**fields)
+            if newest_only:
+                remove = sql.SQL(
+                    ", victim AS ("
+                    " SELECT collection, id FROM {t} WHERE {children}"
+                    " ORDER BY {seq} DESC, id DESC LIMIT 1 FOR UPDATE"
+                    "), gone AS ("
+                    " DELETE FROM {t} USING victim"
+                    " WHERE {t}.collection = victim.collection AND {t}.id = victim.id"
+                    " RETURNING {t}.id, {t}.collection, {t}.data, {t}.created_at,"
+                    " {t}.updated_at, {t}.version, {t}.expires_at"
+                    ") "
+                    "SELECT 'parent', {cols} FROM parent UNION ALL SELECT 'child', {cols} FROM gone"
+                ).format(children=children, **fields)
+            else:
+                remove = sql.SQL(
+                    ", gone AS (DELETE FROM {t} WHERE {children} RETURNING 1) "
+                    "SELECT {cols}, (SELECT count(*) FROM gone) FROM parent"
+                ).format(children=children, **fields)
+            return sql.Composed([bump, remove])
+
+        shape = (
+            "remove children",
+            newest_only,
+            tuple(map(condition_shape, conditions)),
+            parent_ttl_seconds is None,
+        )
+        lock = self.statement("lock parent", build_lock)
+        remove = self.statement(shape, build_remove)
+        combined = self.statement(
+            ("combined", shape), lambda: sql.Composed([build_lock(), sql.SQL("; "), build_remove()])
+        )
+        return (
+            yield Atomic(
+                (Execute(lock, lock_params), Execute(remove, params)),
+                Execute(combined, [*lock_params, *params]),
+            )
+        )
