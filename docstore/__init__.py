@@ -1,6 +1,9 @@
 """PostgreSQL JSONB document store, with an in-memory twin and an embedded default."""
 
-from .config import get_document_store
+from .async_memory import AsyncMemoryDocumentStore
+from .async_postgres import AsyncPostgresDocumentStore
+from .async_store import AsyncDocumentStore
+from .config import get_async_document_store, get_document_store
 from .document import Document
 from .errors import (
     DocstoreError,
@@ -20,6 +23,10 @@ __all__ = [
     "PostgresDocumentStore",
     "MemoryDocumentStore",
     "get_document_store",
+    "AsyncDocumentStore",
+    "AsyncPostgresDocumentStore",
+    "AsyncMemoryDocumentStore",
+    "get_async_document_store",
     "DocstoreError",
     "DocumentExists",
     "VersionConflict",

@@ -26,17 +26,21 @@ from .document import Document
 from .errors import DocstoreError, StoreUnavailable
 from .pool import ConnectionPool, connect_timeout_seconds
 from .postgres_protocol import (
+    OPEN_STATEMENT_SAVEPOINT,
+    RELEASE_STATEMENT_SAVEPOINT,
+    ROLLBACK_STATEMENT_SAVEPOINT,
     SCHEMA_VERSION,
-    STATEMENT_SAVEPOINT,
     Atomic,
     Exclusive,
     PostgresProtocol,
     Rows,
     Statement,
     Steps,
+    block_savepoint,
     check_table_name,
     commit_outcome_unknown,
     first_line,
+    parse_dsn,
     to_document,
     translate_error,
     write_outcome_unknown,
@@ -56,7 +60,6 @@ __all__ = ["PostgresDocumentStore", "SCHEMA_VERSION"]
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-_STATEMENT_SAVEPOINT = STATEMENT_SAVEPOINT
 # Seconds past statement_timeout before the client stops waiting for an answer.
 _NETWORK_GRACE = 0.5
 # A statement unanswered this long is checked with a probe (see watchdog.py), and
@@ -120,13 +123,7 @@ class PostgresDocumentStore(DocumentStore):
         check_table_name(table)
         if connect_timeout <= 0 or statement_timeout <= 0:
             raise ValueError("connect_timeout and statement_timeout must be positive")
-        try:
-            dsn_parts = psycopg2.extensions.parse_dsn(dsn)
-        except psycopg2.Error:
-            # libpq's message quotes the string, password included: leave it out.
-            raise DocstoreError(
-                "invalid PostgreSQL connection string (not a postgresql:// URL or key=value pairs)"
-            ) from None
+        dsn_parts = parse_dsn(dsn)
         options = " ".join(
             part
             for part in (
@@ -231,8 +228,7 @@ class PostgresDocumentStore(DocumentStore):
             raise StoreUnavailable("the connection of this transaction is broken")
         # Each statement runs under a savepoint so that a failing call (say a
         # DocumentExists the caller catches) undoes only itself, as in the memory store.
-        prefix = self._release_statement_savepoint_sql(local)
-        prefix += f"SAVEPOINT {_STATEMENT_SAVEPOINT}; "
+        prefix = self._release_statement_savepoint_sql(local) + OPEN_STATEMENT_SAVEPOINT
         self._watchdog.enter(conn, _backend_pid(conn))
         try:
             with conn.cursor() as cur:
@@ -254,16 +250,13 @@ class PostgresDocumentStore(DocumentStore):
         if not local.statement_savepoint_open:
             return ""
         local.statement_savepoint_open = False
-        return f"RELEASE SAVEPOINT {_STATEMENT_SAVEPOINT}; "
+        return RELEASE_STATEMENT_SAVEPOINT
 
     @staticmethod
     def _rollback_statement(conn: Connection, local: _TransactionState) -> None:
         try:
             with conn.cursor() as cur:
-                cur.execute(
-                    f"ROLLBACK TO SAVEPOINT {_STATEMENT_SAVEPOINT}; "
-                    f"RELEASE SAVEPOINT {_STATEMENT_SAVEPOINT}"
-                )
+                cur.execute(ROLLBACK_STATEMENT_SAVEPOINT)
         except psycopg2.Error:
             local.broken = True
         local.statement_savepoint_open = False
@@ -296,7 +289,7 @@ class PostgresDocumentStore(DocumentStore):
 
     def _nested_block(self, local: _TransactionState) -> Iterator[None]:
         local.depth += 1
-        savepoint = f"docstore_block_{local.depth}"
+        savepoint = block_savepoint(local.depth)
         try:
             self._send(local, f"SAVEPOINT {savepoint}")
             try:

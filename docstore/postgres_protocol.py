@@ -29,6 +29,7 @@ import uuid
 from collections.abc import Callable, Generator, Hashable, Sequence
 from typing import Any, TypeVar
 
+import psycopg2.extensions
 from psycopg2 import sql
 
 from .document import Document
@@ -71,6 +72,11 @@ from .store import (
 __all__ = [
     "SCHEMA_VERSION",
     "STATEMENT_SAVEPOINT",
+    "RELEASE_STATEMENT_SAVEPOINT",
+    "OPEN_STATEMENT_SAVEPOINT",
+    "ROLLBACK_STATEMENT_SAVEPOINT",
+    "block_savepoint",
+    "rowcount_of",
     "Statement",
     "Execute",
     "Exclusive",
@@ -83,10 +89,18 @@ __all__ = [
     "to_document",
     "translate_error",
     "check_table_name",
+    "parse_dsn",
 ]
 
 SCHEMA_VERSION = 1
+# Inside a transaction each statement runs under this savepoint, so that a
+# failing call (say a DocumentExists the caller catches) undoes only itself.
 STATEMENT_SAVEPOINT = "docstore_statement"
+RELEASE_STATEMENT_SAVEPOINT = f"RELEASE SAVEPOINT {STATEMENT_SAVEPOINT}; "
+OPEN_STATEMENT_SAVEPOINT = f"SAVEPOINT {STATEMENT_SAVEPOINT}; "
+ROLLBACK_STATEMENT_SAVEPOINT = (
+    f"ROLLBACK TO SAVEPOINT {STATEMENT_SAVEPOINT}; RELEASE SAVEPOINT {STATEMENT_SAVEPOINT}"
+)
 _COLUMNS = sql.SQL("id, collection, data, created_at, updated_at, version, expires_at")
 _LIVE = sql.SQL("(expires_at IS NULL OR expires_at > now())")
 # The largest seq a child could get, so that a size check made before the
@@ -239,6 +253,29 @@ def _literal(value: object) -> str:
     if isinstance(value, list | tuple):
         return "ARRAY[" + ",".join(_literal(item) for item in value) + "]"
     raise TypeError(f"cannot render a literal of type {type(value).__name__}")
+
+
+def block_savepoint(depth: int) -> str:
+    """Return the savepoint name of a transaction block nested `depth` deep."""
+    return f"docstore_block_{depth}"
+
+
+def rowcount_of(status: str | None) -> int:
+    """Return the row count of a command status such as "DELETE 3" (0 if it has none)."""
+    last = (status or "").rpartition(" ")[2]
+    return int(last) if last.isdigit() else 0
+
+
+def parse_dsn(dsn: str) -> dict[str, str]:
+    """Return the parameters of a libpq URL or key/value string, or raise DocstoreError."""
+    try:
+        parts: dict[str, str] = psycopg2.extensions.parse_dsn(dsn)
+    except psycopg2.Error:
+        # libpq's message quotes the string, password included: leave it out.
+        raise DocstoreError(
+            "invalid PostgreSQL connection string (not a postgresql:// URL or key=value pairs)"
+        ) from None
+    return parts
 
 
 def check_table_name(table: str) -> str:
