@@ -19,11 +19,13 @@ logger = logging.getLogger(__name__)
 class PooledConnection:
     """An asyncpg connection and the statements prepared on it."""
 
-    __slots__ = ("raw", "prepared")
+    __slots__ = ("raw", "prepared", "backend_pid", "timed_out")
 
     def __init__(self, raw: Any) -> None:
         self.raw = raw
         self.prepared: dict[str, Any] = {}  # numbered text -> asyncpg PreparedStatement
+        self.backend_pid: int = raw.get_server_pid()
+        self.timed_out = False  # set when the store gave up waiting for an answer
 
     def is_usable(self) -> bool:
         return not self.raw.is_closed() and not self.raw.is_in_transaction()

@@ -21,6 +21,7 @@ import asyncpg
 
 from .async_pool import AsyncConnectionPool, PooledConnection
 from .async_store import AsyncDocumentStore
+from .async_watchdog import AsyncStatementWatchdog
 from .document import Document
 from .errors import DocstoreError, StoreUnavailable
 from .postgres import _masked_dsn
@@ -54,6 +55,10 @@ T = TypeVar("T")
 # (the server cancels a statement at statement_timeout; no answer shortly after
 # that means the network dropped it).
 _NETWORK_GRACE = 0.5
+# A statement unanswered this long is checked with a probe (see async_watchdog.py),
+# which must answer within _PROBE_TIMEOUT: a partition fails a call in about 1 s.
+_PROBE_AFTER = 0.5
+_PROBE_TIMEOUT = 0.5
 # Statements prepared per connection beyond the named hot ones (query shapes vary).
 _PREPARED_PER_CONNECTION = 256
 # Errors that mean the connection, not the statement, failed.
@@ -158,6 +163,12 @@ class AsyncPostgresDocumentStore(AsyncDocumentStore):
         self._table_name = table
         self._connect_arguments = _connect_arguments(
             dsn, statement_timeout=statement_timeout, application_name="docstore"
+        )
+        self._probe_arguments = _connect_arguments(
+            dsn, statement_timeout=_PROBE_TIMEOUT, application_name="docstore probe"
+        )
+        self._watchdog = AsyncStatementWatchdog(
+            self._running_backends, probe_after=min(_PROBE_AFTER, statement_timeout)
         )
         self._dsn_for_repr = _masked_dsn(dsn)
         self._connect_timeout = connect_timeout
@@ -287,13 +298,15 @@ class AsyncPostgresDocumentStore(AsyncDocumentStore):
             # Until the answer is in: a cancellation mid-statement must not
             # return the connection to the pool.
             broken = True
+            self._watchdog.enter(conn)
             try:
                 rows = await self._statement_rows(conn, statement, params)
                 broken = False
                 return rows
             except asyncpg.PostgresError as exc:
                 broken = conn.raw.is_closed() or isinstance(exc, asyncpg.PostgresConnectionError)
-                if broken and attempt < attempts:
+                # Not after the watchdog gave up on it: sending it again would wait as long.
+                if broken and attempt < attempts and not conn.timed_out:
                     continue
                 error = _translate(exc, broken=broken)
                 if write and broken and isinstance(error, StoreUnavailable):
@@ -306,11 +319,12 @@ class AsyncPostgresDocumentStore(AsyncDocumentStore):
                 )
                 raise (write_outcome_unknown(unavailable) if write else unavailable) from exc
             except _CONNECTION_ERRORS as exc:
-                if attempt < attempts:
+                if attempt < attempts and not conn.timed_out:
                     continue
                 unavailable = StoreUnavailable(f"PostgreSQL is unavailable: {first_line(exc)}")
                 raise (write_outcome_unknown(unavailable) if write else unavailable) from exc
             finally:
+                self._watchdog.leave(conn)
                 self._pool.release(conn, broken=broken)
         raise AssertionError("unreachable")
 
@@ -322,6 +336,7 @@ class AsyncPostgresDocumentStore(AsyncDocumentStore):
                 raise StoreUnavailable("the connection of this transaction is broken")
             conn = transaction.conn
             prefix = transaction.release_statement_savepoint_sql() + OPEN_STATEMENT_SAVEPOINT
+            self._watchdog.enter(conn)
             try:
                 await conn.raw.execute(prefix, timeout=self._deadline)
                 rows = await self._statement_rows(conn, statement, params)
@@ -341,6 +356,8 @@ class AsyncPostgresDocumentStore(AsyncDocumentStore):
                 transaction.broken = True  # cancelled mid-statement
                 conn.discard()
                 raise
+            finally:
+                self._watchdog.leave(conn)
 
     async def _rollback_statement(self, transaction: _Transaction) -> None:
         try:
@@ -634,7 +651,29 @@ class AsyncPostgresDocumentStore(AsyncDocumentStore):
             )
         )
 
+    async def _running_backends(self, pids: list[int]) -> set[int]:
+        """Return which of these server processes are running a statement (the watchdog's probe).
+
+        Asked on a fresh connection with a deadline of its own, so that a probe
+        through the same broken network fails fast instead of hanging.
+        """
+
+        async def ask() -> set[int]:
+            conn = await asyncpg.connect(**self._probe_arguments, timeout=_PROBE_TIMEOUT)
+            try:
+                rows = await conn.fetch(
+                    "SELECT pid FROM pg_stat_activity WHERE pid = ANY($1::int[])"
+                    " AND state = 'active'",
+                    pids,
+                )
+                return {int(row[0]) for row in rows}
+            finally:
+                conn.terminate()
+
+        return await asyncio.wait_for(ask(), _PROBE_TIMEOUT)
+
     async def aclose(self) -> None:
+        self._watchdog.close()
         await self._pool.aclose()
 
 

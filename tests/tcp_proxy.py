@@ -32,6 +32,7 @@ class TcpProxy:
         self._listener: socket.socket | None = None
         self._accept_thread: threading.Thread | None = None
         self._stalled = False
+        self._dropping = False
         self.port = 0
 
     @property
@@ -68,9 +69,18 @@ class TcpProxy:
         if self._listener is None:
             self.start()
 
+    def drop_traffic(self) -> None:
+        """Keep every connection open but forward nothing, either way, until `resume()`.
+
+        What a network partition behind a middlebox looks like to the client:
+        the socket stays up, no answer ever comes.
+        """
+        self._dropping = True
+
     def resume(self) -> None:
         """Forward again, on the same port."""
         self._stalled = False
+        self._dropping = False
         self._close_connections()
         if self._listener is None:
             self.start()
@@ -138,6 +148,8 @@ class TcpProxy:
                 chunk = source.recv(_BUFFER_SIZE)
                 if not chunk:
                     break
+                if self._dropping:
+                    continue
                 sink.sendall(chunk)
         except OSError:
             pass  # the other side, or cut(), closed a socket: this pair is finished
