@@ -21,6 +21,11 @@ from session import SessionStore
 pytest_plugins = ["pytester"]
 
 
+# What a project using pytest-asyncio sets (the test extra installs it; unset,
+# pytest-asyncio warns, and -W error would fail the inner run).
+ASYNCIO_SCOPE = ("-o", "asyncio_default_fixture_loop_scope=function")
+
+
 def test_session_store_round_trip(session_store: SessionStore) -> None:
     created = session_store.create_session("alice", {"cart": [1]})
     session_store.add_message(created.id, "user", "hello")
@@ -86,7 +91,7 @@ INNER_IN_PROCESS = """
 def test_a_fresh_test_file_gets_the_fixtures(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(test_inner=textwrap.dedent(INNER_IN_PROCESS))
     # A subprocess: the fixtures must come from the installed entry point alone.
-    result = pytester.runpytest_subprocess("-W", "error", "-p", "no:cacheprovider")
+    result = pytester.runpytest_subprocess("-W", "error", "-p", "no:cacheprovider", *ASYNCIO_SCOPE)
     result.assert_outcomes(passed=1)
 
 
@@ -114,7 +119,9 @@ def test_real_fixtures_clean_up_only_what_they_made(
     try:
         client.set(outsider, b"keep", ex=60)
         pytester.makepyfile(test_inner=textwrap.dedent(INNER_REAL_SERVERS))
-        result = pytester.runpytest_subprocess("-W", "error", "-p", "no:cacheprovider")
+        result = pytester.runpytest_subprocess(
+            "-W", "error", "-p", "no:cacheprovider", *ASYNCIO_SCOPE
+        )
         result.assert_outcomes(passed=1)
         seen = json.loads((pytester.path / "seen.json").read_text())
         assert not list(client.scan_iter(match=f"{seen['prefix']}*"))
@@ -150,7 +157,7 @@ def test_missing_servers_skip_locally_and_fail_in_ci(
     if ci:
         monkeypatch.setenv("CI", "true")
     pytester.makepyfile(test_inner=textwrap.dedent(INNER_NEEDS_SERVERS))
-    result = pytester.runpytest("-W", "error", "-p", "no:cacheprovider", "-rs")
+    result = pytester.runpytest("-W", "error", "-p", "no:cacheprovider", "-rs", *ASYNCIO_SCOPE)
     if ci:
         result.assert_outcomes(errors=2)
         result.stdout.fnmatch_lines(["*CI is set but POSTGRES_CONNECTION_STRING is not*"])
