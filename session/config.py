@@ -9,18 +9,23 @@ from urllib.parse import urlsplit
 import psycopg2
 import psycopg2.extensions
 import redis
+import redis.asyncio
+from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from docstore import get_document_store
+from docstore import get_async_document_store, get_document_store
 from docstore.config import MEMORY_URL, URL_VARIABLES
 
+from .async_store import AsyncSessionStore
 from .coherence import check_key_prefix
 from .store import SessionStore
 
 __all__ = [
     "get_session_store",
+    "get_async_session_store",
     "redis_client_from_url",
+    "async_redis_client_from_url",
     "check_redis_url",
     "check_postgres_dsn",
     "check_key_prefix",
@@ -48,6 +53,18 @@ def redis_client_from_url(url: str) -> redis.Redis:
         retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
         health_check_interval=30,
     )
+
+
+def async_redis_client_from_url(url: str) -> redis.asyncio.Redis:
+    """Return a `redis.asyncio` client with the timeouts of `redis_client_from_url`."""
+    client: redis.asyncio.Redis = redis.asyncio.Redis.from_url(
+        url,
+        socket_timeout=REDIS_SOCKET_TIMEOUT,
+        socket_connect_timeout=REDIS_SOCKET_TIMEOUT,
+        retry=AsyncRetry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
+        health_check_interval=30,
+    )
+    return client
 
 
 def check_redis_url(url: str) -> None:
@@ -124,6 +141,48 @@ def get_session_store(
         cache.close()
         documents.close()
         raise
+
+
+def _in_process_async_redis() -> redis.asyncio.Redis:
+    try:
+        import fakeredis
+    except ImportError as exc:
+        raise RuntimeError(
+            "REDIS_URL is not set and fakeredis is not installed: set REDIS_URL to a Redis "
+            "server, or install fakeredis[lua] for an in-process cache"
+        ) from exc
+    client: redis.asyncio.Redis = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
+    return client
+
+
+def get_async_session_store(
+    *,
+    docstore_url: str | None = None,
+    redis_url: str | None = None,
+    cache_ttl: float = 3600,
+    session_ttl: float | None = None,
+    key_prefix: str = "sess:",
+) -> AsyncSessionStore:
+    """Return an AsyncSessionStore built as `get_session_store` builds its store.
+
+    The docstore comes from `docstore.get_async_document_store(docstore_url)`;
+    the cache from `redis_url`, else `REDIS_URL`, else an in-process fakeredis
+    server (its asyncio client). Nothing connects here: the store connects on
+    its first call (but with no URL at all the embedded PostgreSQL server is
+    started here, so call this at start-up rather than from a coroutine).
+    """
+    url = redis_url if redis_url is not None else os.environ.get(REDIS_VARIABLE) or None
+    cache = async_redis_client_from_url(url) if url else _in_process_async_redis()
+    documents = get_async_document_store(docstore_url)
+    return AsyncSessionStore(
+        documents,
+        cache,
+        cache_ttl=cache_ttl,
+        session_ttl=session_ttl,
+        key_prefix=key_prefix,
+        owns_docstore=True,
+        owns_cache=True,
+    )
 
 
 @dataclass(frozen=True)

@@ -2056,7 +2056,7 @@ class SessionStoreContract:
         clock = FakeClock()
         store = make_store(clock=clock, breaker_threshold=3, breaker_cooldown=2.0)
         created = store.create_session()
-        caplog.set_level(logging.WARNING, logger="session.store")
+        caplog.set_level(logging.WARNING, logger="session.protocol")
         needs_outage.down()
         try:
             for _ in range(3):

@@ -19,7 +19,7 @@ from fault_proxy import FaultProxy, socket_path, tcp_dsn
 from fault_redis import RedisProcess
 from fault_summary import FaultSummary
 
-import session.store
+import session.protocol
 from docstore import MemoryDocumentStore, PostgresDocumentStore, StoreUnavailable
 from session import SessionNotFound, SessionStore
 from session.coherence import session_keys
@@ -45,7 +45,7 @@ def test_session_ids_carry_at_least_128_bits_from_secrets(monkeypatch: pytest.Mo
         asked.append(nbytes or 32)
         return real(nbytes)
 
-    monkeypatch.setattr(session.store.secrets, "token_urlsafe", spy)
+    monkeypatch.setattr(session.protocol.secrets, "token_urlsafe", spy)
     store = SessionStore(MemoryDocumentStore())
     created = store.create_session()
     assert min(asked) * 8 >= 128
@@ -56,8 +56,8 @@ def test_session_ids_carry_at_least_128_bits_from_secrets(monkeypatch: pytest.Mo
 
 def test_a_million_session_ids_do_not_collide() -> None:
     """The generator the store calls (`new_token` of its id size), a million times."""
-    size = session.store._SESSION_ID_BYTES
-    ids = {session.store.new_token(size) for _ in range(1_000_000)}
+    size = session.protocol._SESSION_ID_BYTES
+    ids = {session.protocol.new_token(size) for _ in range(1_000_000)}
     assert len(ids) == 1_000_000
     assert not any(sid.startswith(("-", "_")) for sid in ids)
 

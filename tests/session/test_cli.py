@@ -20,7 +20,7 @@ import pytest
 from contract.session_contract import FakeClock
 
 import session.cli
-import session.store
+import session.protocol
 from docstore import MemoryDocumentStore, PostgresDocumentStore
 from session import SessionStore
 from session.cli import EXIT_FAILED, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE, main
@@ -434,7 +434,7 @@ def test_generated_ids_never_start_with_a_dash(
     draws = iter(
         ["-conversation", "Conversation", "_underscore", "-dash", "Created", "-x", "Rotated"]
     )
-    monkeypatch.setattr(session.store.secrets, "token_urlsafe", lambda nbytes: next(draws))
+    monkeypatch.setattr(session.protocol.secrets, "token_urlsafe", lambda nbytes: next(draws))
     created = shared_store.create_session()
     assert created.id == "Created"
     assert shared_store.rotate_session_id(created.id).id == "Rotated"
