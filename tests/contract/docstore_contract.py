@@ -13,6 +13,9 @@ here are those of `API.md` and `docs/docstore.md`.
 
 from __future__ import annotations
 
+import collections
+import dataclasses
+import enum
 import json
 import os
 import threading
@@ -22,7 +25,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures import wait as futures_wait
-from datetime import datetime, timedelta, timezone
+from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
 
@@ -136,6 +139,31 @@ def roundtripped(data: object) -> Any:
 
 # --------------------------------------------------------------------------- bad input
 
+class _Colour(enum.Enum):
+    RED = 1
+
+
+@dataclasses.dataclass
+class _Point:
+    x: int
+    y: int
+
+
+class _Label(str):
+    pass
+
+
+class _Level(enum.IntEnum):
+    HIGH = 3
+
+
+def _nested(depth: int) -> object:
+    value: object = "bottom"
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
 BAD_DATA: list[tuple[str, object]] = [
     ("list instead of dict", [("a", 1)]),
     ("str instead of dict", "text"),
@@ -158,6 +186,13 @@ BAD_DATA: list[tuple[str, object]] = [
     ("NUL in value", {"a": "x\x00y"}),
     ("NUL in key", {"a\x00b": 1}),
     ("NUL nested", {"a": ["ok", {"k": "\x00"}]}),
+    # Values a fast JSON encoder writes without complaint, which are still not JSON.
+    ("UUID value", {"a": uuid.UUID(int=1)}),
+    ("date value", {"a": date(2024, 1, 1)}),
+    ("Enum value", {"a": _Colour.RED}),
+    ("dataclass value", {"a": _Point(1, 2)}),
+    ("unsigned 64-bit int", {"a": [2**64 - 1]}),
+    ("nested too deeply", {"a": _nested(600)}),
 ]
 
 BAD_NAMES: list[tuple[str, object]] = [
@@ -606,6 +641,22 @@ class DocumentStoreContract:
         assert type(read.data["int64 max"]) is int
         assert type(read.data["int64 min"]) is int
         assert read.data["null"] is None
+
+    def test_subclasses_of_json_types_are_stored_as_their_values(
+        self, store: DocumentStore, coll: str
+    ) -> None:
+        data = {
+            "label": _Label("text"),
+            "level": _Level.HIGH,
+            "ordered": collections.OrderedDict([("b", 1), ("a", [_Label("x")])]),
+            "deep but allowed": _nested(400),
+        }
+        store.create(coll, data, id="d")
+        read = store.read(coll, "d")
+        assert read is not None
+        assert read.data == roundtripped(data)
+        assert read.data["level"] == 3 and type(read.data["level"]) is int
+        assert type(read.data["label"]) is str
 
     def test_numbers_beyond_64_bits_come_back_as_floats(
         self, store: DocumentStore, coll: str
