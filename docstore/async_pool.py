@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -23,7 +24,8 @@ class PooledConnection:
 
     def __init__(self, raw: Any) -> None:
         self.raw = raw
-        self.prepared: dict[str, Any] = {}  # numbered text -> asyncpg PreparedStatement
+        # Numbered text -> asyncpg PreparedStatement, least recently used first.
+        self.prepared: OrderedDict[str, Any] = OrderedDict()
         self.backend_pid: int = raw.get_server_pid()
         self.timed_out = False  # set when the store gave up waiting for an answer
 

@@ -28,8 +28,10 @@ from .migrations import migrate_dsn
 from .postgres import _masked_dsn
 from .postgres_protocol import (
     OPEN_STATEMENT_SAVEPOINT,
+    PREPARED_PER_CONNECTION,
     RELEASE_STATEMENT_SAVEPOINT,
     ROLLBACK_STATEMENT_SAVEPOINT,
+    STATEMENT_SAVEPOINT,
     Atomic,
     Exclusive,
     Execute,
@@ -60,8 +62,6 @@ _NETWORK_GRACE = 0.5
 # which must answer within _PROBE_TIMEOUT: a partition fails a call in about 1 s.
 _PROBE_AFTER = 0.5
 _PROBE_TIMEOUT = 0.5
-# Statements prepared per connection beyond the named hot ones (query shapes vary).
-_PREPARED_PER_CONNECTION = 256
 # Errors that mean the connection, not the statement, failed.
 _CONNECTION_ERRORS = (OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError)
 
@@ -276,16 +276,59 @@ class AsyncPostgresDocumentStore(AsyncDocumentStore):
             return result
 
     async def _statement_rows(
+        self,
+        conn: PooledConnection,
+        statement: Statement,
+        params: Sequence[Any],
+        *,
+        savepoint: bool = False,
+        resend: bool = True,
+    ) -> Rows:
+        try:
+            return await self._fetch(conn, statement, params)
+        except asyncpg.InvalidSQLStatementNameError:
+            # The server no longer has what this connection prepared (a proxy, or
+            # someone's DISCARD ALL / DEALLOCATE): nothing ran. Forget them all
+            # and send the statement once more; in a transaction, back to the
+            # statement's savepoint first (it stays open).
+            conn.prepared.clear()
+            if not resend:
+                raise
+            if savepoint:
+                await conn.raw.execute(
+                    f"ROLLBACK TO SAVEPOINT {STATEMENT_SAVEPOINT}", timeout=self._deadline
+                )
+            return await self._fetch(conn, statement, params)
+
+    async def _fetch(
         self, conn: PooledConnection, statement: Statement, params: Sequence[Any]
     ) -> Rows:
+        """Run `statement` with the connection's prepared statement for it, preparing it once.
+
+        A named statement (`PostgresProtocol.prepared`) is prepared on the
+        server under a name of asyncpg's, so PostgreSQL keeps its plan (a
+        generic one once it proves as good); the others are parsed and planned
+        on every run (asyncpg's unnamed statement), their asyncpg objects kept
+        for the type information. At most PREPARED_PER_CONNECTION per
+        connection, least recently used dropped first (asyncpg closes a named
+        one on the server when its object goes).
+        """
         text = statement.numbered
-        prepared = conn.prepared.get(text)
+        cache = conn.prepared
+        prepared = cache.get(text)
         if prepared is None:
-            prepared = await conn.raw.prepare(text, timeout=self._deadline)
+            named = self._prepare_statements and statement.name is not None
+            while len(cache) >= PREPARED_PER_CONNECTION:
+                cache.popitem(last=False)
+            # name=True: a name of asyncpg's own, never the name of a statement
+            # it has yet to close. None: the unnamed statement.
+            prepared = await conn.raw.prepare(
+                text, name=True if named else None, timeout=self._deadline
+            )
             if self._prepare_statements:
-                if len(conn.prepared) >= _PREPARED_PER_CONNECTION:
-                    conn.prepared.clear()
-                conn.prepared[text] = prepared
+                cache[text] = prepared
+        else:
+            cache.move_to_end(text)
         rows: Rows = await prepared.fetch(*params, timeout=self._deadline)
         if not rows and not prepared.get_attributes():
             return [(rowcount_of(prepared.get_statusmsg()),)]
@@ -353,7 +396,7 @@ class AsyncPostgresDocumentStore(AsyncDocumentStore):
             self._watchdog.enter(conn)
             try:
                 await conn.raw.execute(prefix, timeout=self._deadline)
-                rows = await self._statement_rows(conn, statement, params)
+                rows = await self._statement_rows(conn, statement, params, savepoint=True)
                 transaction.statement_savepoint_open = True
                 return rows
             except asyncpg.PostgresError as exc:
@@ -396,7 +439,10 @@ class AsyncPostgresDocumentStore(AsyncDocumentStore):
             await conn.raw.execute("BEGIN", timeout=self._deadline)
             try:
                 for step in request.steps:
-                    rows = await self._statement_rows(conn, step.statement, step.params)
+                    # No savepoint to go back to: a refused step fails the unit.
+                    rows = await self._statement_rows(
+                        conn, step.statement, step.params, resend=False
+                    )
             except asyncpg.PostgresError:
                 if not conn.raw.is_closed():
                     await conn.raw.execute("ROLLBACK", timeout=self._deadline)

@@ -11,6 +11,7 @@ import logging
 import select
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -28,8 +29,12 @@ from .migrations import LATEST_VERSION, migrate
 from .pool import ConnectionPool, connect_timeout_seconds
 from .postgres_protocol import (
     OPEN_STATEMENT_SAVEPOINT,
+    PREPARED_PER_CONNECTION,
+    PREPARED_STATEMENT_EXISTS,
+    PREPARED_STATEMENT_MISSING,
     RELEASE_STATEMENT_SAVEPOINT,
     ROLLBACK_STATEMENT_SAVEPOINT,
+    STATEMENT_SAVEPOINT,
     Atomic,
     Exclusive,
     PostgresProtocol,
@@ -90,7 +95,9 @@ class _Connection(psycopg2.extensions.connection):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.prepared: set[str] = set()
+        # Names prepared on this connection, least recently used first (bounded:
+        # see _text_for). They vanish with the connection: a new one starts empty.
+        self.prepared: OrderedDict[str, None] = OrderedDict()
         self.timed_out = False  # set by the watchdog when it gave up on a statement
         # Read once here: asking psycopg2 while a statement runs would wait for it.
         self.backend_pid: int = self.get_backend_pid()
@@ -220,7 +227,15 @@ class PostgresDocumentStore(DocumentStore):
             self._watchdog.enter(conn, _backend_pid(conn))
             try:
                 with conn.cursor() as cur:
-                    cur.execute(_text_for(conn, cur, statement, self._prepare_statements), params)
+                    try:
+                        cur.execute(_text_for(conn, statement, self._prepare_statements), params)
+                    except psycopg2.Error as exc:
+                        if not _prepared_out_of_step(conn, statement, exc):
+                            raise
+                        # Nothing ran (the EXECUTE or its PREPARE was refused): start
+                        # the connection's prepared statements afresh, send it again.
+                        cur.execute("DEALLOCATE ALL")
+                        cur.execute(_text_for(conn, statement, self._prepare_statements), params)
                     return _rows(cur)
             except psycopg2.Error as exc:
                 broken = conn.closed != 0
@@ -248,8 +263,16 @@ class PostgresDocumentStore(DocumentStore):
         self._watchdog.enter(conn, _backend_pid(conn))
         try:
             with conn.cursor() as cur:
-                text = _text_for(conn, cur, statement, self._prepare_statements)
-                cur.execute(prefix + text, params)
+                try:
+                    text = _text_for(conn, statement, self._prepare_statements)
+                    cur.execute(prefix + text, params)
+                except psycopg2.Error as exc:
+                    if not _prepared_out_of_step(conn, statement, exc):
+                        raise
+                    # The savepoint opened before the refused EXECUTE or PREPARE:
+                    # back to it (it stays open), then as outside a transaction.
+                    cur.execute(f"ROLLBACK TO SAVEPOINT {STATEMENT_SAVEPOINT}; DEALLOCATE ALL")
+                    cur.execute(_text_for(conn, statement, self._prepare_statements), params)
                 local.statement_savepoint_open = True
                 return _rows(cur)
         except psycopg2.Error as exc:
@@ -611,15 +634,39 @@ def _prepare_connection(conn: Connection) -> None:
     psycopg2.extras.register_default_jsonb(conn_or_curs=conn, loads=decode_json)
 
 
-def _text_for(conn: Connection, cur: Cursor, statement: Statement, prepare: bool) -> str:
-    """Return the text to send for `statement`, preparing it on this connection first."""
-    if statement.name is None or not prepare:
+def _text_for(conn: Connection, statement: Statement, prepare: bool) -> str:
+    """Return the text to send for `statement`: its `EXECUTE`, preceded by its `PREPARE`
+    (in the same round trip) the first time on this connection.
+
+    At most PREPARED_PER_CONNECTION statements stay prepared on a connection:
+    the least recently used is deallocated, in the same round trip, when
+    another would exceed it. The name is recorded before the text is sent: if
+    the PREPARE never ran, the EXECUTE's next use is refused with
+    "prepared statement does not exist", which the caller recovers from.
+    """
+    name = statement.name
+    if name is None or not prepare:
         return statement.text
-    prepared: set[str] = conn.prepared  # type: ignore[attr-defined]
-    if statement.name not in prepared:
-        cur.execute(statement.definition, ())
-        prepared.add(statement.name)
-    return statement.call
+    prepared: OrderedDict[str, None] = conn.prepared  # type: ignore[attr-defined]
+    if name in prepared:
+        prepared.move_to_end(name)
+        return statement.call
+    evicted = ""
+    while len(prepared) >= PREPARED_PER_CONNECTION:
+        evicted += f"DEALLOCATE {prepared.popitem(last=False)[0]}; "
+    prepared[name] = None
+    return f"{evicted}{statement.definition}; {statement.call}"
+
+
+def _prepared_out_of_step(conn: Connection, statement: Statement, exc: psycopg2.Error) -> bool:
+    """Return True (and forget the connection's list) if `exc` says its prepared statements
+    are not what we recorded: refused before anything ran, so safe to send again."""
+    if statement.name is None or conn.closed:
+        return False
+    if exc.pgcode not in (PREPARED_STATEMENT_MISSING, PREPARED_STATEMENT_EXISTS):
+        return False
+    conn.prepared.clear()  # type: ignore[attr-defined]
+    return True
 
 
 def _rows(cur: Cursor) -> Rows:

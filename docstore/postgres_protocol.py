@@ -121,48 +121,68 @@ class Statement:
 
     `text` uses `%s` (psycopg2 formats it client-side, `%%` is a literal `%`);
     `numbered` uses `$1, $2, ...` with plain `%` (asyncpg, and the body of a
-    server-side `PREPARE`). `name` is set for the hot single-row statements
-    that a runner may prepare once per connection.
+    server-side `PREPARE`). `name` is set for the statements a runner prepares
+    once per connection (see `PostgresProtocol.prepared`): it is derived from
+    the text alone, so one name always means one text, whatever store,
+    collection or thread asked for it.
     """
 
     text: str
     numbered: str
     name: str | None = None
     param_count: int = 0
+    # `EXECUTE name(%s, %s::jsonb, ...)`: each parameter with the cast its
+    # placeholder has in the text. psycopg2 sends a list as `ARRAY[...]` of
+    # text, which EXECUTE will not coerce to `jsonb[]` unless cast the same way.
+    call: str = ""
 
     @property
     def definition(self) -> str:
         """Return `PREPARE name AS ...` (the `%%` kept, for a client-side formatting driver)."""
         return f"PREPARE {self.name} AS {self.numbered.replace('%', '%%')}"
 
-    @property
-    def call(self) -> str:
-        """Return `EXECUTE name(%s, ...)`, to run the prepared statement with `%s` parameters."""
-        arguments = ", ".join(["%s"] * self.param_count)
-        return f"EXECUTE {self.name}({arguments})" if self.param_count else f"EXECUTE {self.name}"
+
+_PLACEHOLDER = re.compile(r"%%|%s(::[a-z_]+(?:\[\])?)?")
+# Server-side prepared statements kept per connection (both drivers): the least
+# recently used one is deallocated when another would exceed it.
+PREPARED_PER_CONNECTION = 128
+# Statement texts kept per store (rendered once per shape); the oldest goes first.
+STATEMENT_CACHE_SIZE = 1024
+# SQLSTATEs saying a connection's prepared statements are not what the runner
+# believes (a proxy or someone's DISCARD ALL / DEALLOCATE): nothing ran, so
+# the runner forgets its list and sends the statement once more.
+PREPARED_STATEMENT_MISSING = "26000"
+PREPARED_STATEMENT_EXISTS = "42P05"
 
 
-_PLACEHOLDER = re.compile(r"%%|%s")
-
-
-def _numbered(text: str) -> tuple[str, int]:
-    """Return `text` with `$1, $2, ...` for its `%s` and `%` for its `%%`, and the count."""
+def _numbered(text: str) -> tuple[str, int, list[str]]:
+    """Return `text` with `$1, $2, ...` for its `%s` and `%` for its `%%`, the count,
+    and the cast that follows each placeholder ("" when none)."""
     count = 0
+    casts: list[str] = []
 
     def number(match: re.Match[str]) -> str:
         nonlocal count
         if match.group() == "%%":
             return "%"
         count += 1
-        return f"${count}"
+        cast = match.group(1) or ""
+        casts.append(cast)
+        return f"${count}{cast}"
 
     numbered = _PLACEHOLDER.sub(number, text)
-    return numbered, count
+    return numbered, count, casts
 
 
-def _statement(text: str, name: str | None = None) -> Statement:
-    numbered, count = _numbered(text)
-    return Statement(text, numbered, name, count)
+def _statement(text: str, *, prepared: bool = False) -> Statement:
+    numbered, count, casts = _numbered(text)
+    if not prepared:
+        return Statement(text, numbered, None, count)
+    # 96 bits of the text's hash: a name shared by two texts is not a practical worry.
+    name = "docstore_" + hashlib.sha256(numbered.encode("utf-8")).hexdigest()[:24]
+    arguments = ", ".join(f"%s{cast}" for cast in casts)
+    call = f"EXECUTE {name}({arguments})" if count else f"EXECUTE {name}"
+    return Statement(text, numbered, name, count, call)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -310,6 +330,21 @@ def _expiry_sql(ttl_seconds: float | None, params: list[Any]) -> sql.Composable:
     return sql.SQL("(now() + %s * interval '1 second')")
 
 
+def _paging(limit: int | None, offset: int) -> sql.Composable:
+    """Return `LIMIT n` (`LIMIT ALL` for None), with `OFFSET %s` when offset is not 0.
+
+    The limit is part of a prepared statement's text, not a parameter: with
+    `LIMIT $n` PostgreSQL's generic plan assumes a tenth of the rows are
+    wanted, costs it above every custom plan, and so plans each run anew.
+    A page size takes a handful of values; offsets take many, and paging by
+    offset reads the skipped rows anyway, so a non-zero offset stays a parameter.
+    """
+    count = sql.SQL("ALL") if limit is None else sql.Literal(int(limit))
+    if offset:
+        return sql.SQL("LIMIT {} OFFSET %s").format(count)
+    return sql.SQL("LIMIT {}").format(count)
+
+
 _new_object = object.__new__
 
 
@@ -439,30 +474,42 @@ class PostgresProtocol:
         return PercentSafeIdentifier(f"{self.table_name}_{suffix}")
 
     def statement(self, key: Hashable, build: Callable[[], sql.Composable]) -> Statement:
-        """Return the statement `build` makes, rendering it once per key."""
-        found = self._statements.get(key)
+        """Return the statement `build` makes, rendered once per key, sent as text each time.
+
+        For rare statements (errors explained, administration): each run is
+        parsed and planned anew.
+        """
+        return self._cached(key, build, prepared=False)
+
+    def prepared(self, key: Hashable, build: Callable[[], sql.Composable]) -> Statement:
+        """Return the statement `build` makes, named, for runners that prepare it per connection.
+
+        The statement cache for repeated shapes: the key holds what shapes the
+        text (the collection, filter structure, ordering) and the text bakes it
+        in, the collection as a literal and paths as literals, so that
+        PostgreSQL's generic plan of the prepared statement can use the
+        collection's partial indexes; values stay parameters. The name comes
+        from the text's hash, so two collections (or two tables) never share a
+        prepared statement. Bounded: at most `STATEMENT_CACHE_SIZE` texts here,
+        `PREPARED_PER_CONNECTION` prepared on each connection.
+        """
+        return self._cached(key, build, prepared=True)
+
+    def _cached(
+        self, key: Hashable, build: Callable[[], sql.Composable], *, prepared: bool
+    ) -> Statement:
+        found = self._statements.get((prepared, key))
         if found is None:
-            text = render(build())
-            found = _statement(text)
-            if len(self._statements) > 2000:
-                self._statements.clear()  # unbounded query shapes must not grow memory forever
-            self._statements[key] = found
+            found = _statement(render(build()), prepared=prepared)
+            with self._lock:  # eviction iterates the dict: not while another thread inserts
+                while len(self._statements) >= STATEMENT_CACHE_SIZE:
+                    del self._statements[next(iter(self._statements))]
+                self._statements[(prepared, key)] = found
         return found
 
-    def hot(self, key: Hashable, build: Callable[[], sql.Composable]) -> Statement:
-        """Return the statement with a name, for runners that prepare it once per connection."""
-        found = self._statements.get(key)
-        if found is None or found.name is None:
-            text = render(build())
-            # Under a lock: two threads naming two statements at once must not pick
-            # one name, or a connection would run one under the other's name.
-            with self._lock:
-                found = self._statements.get(key)
-                if found is None or found.name is None:
-                    digest = hashlib.sha256(repr(key).encode("utf-8")).hexdigest()[:16]
-                    found = _statement(text, name=f"docstore_{digest}")
-                    self._statements[key] = found
-        return found
+    def cached_statements(self) -> int:
+        """Return how many statement texts this store keeps (bounded by STATEMENT_CACHE_SIZE)."""
+        return len(self._statements)
 
     @staticmethod
     def plain(text: str) -> Statement:
@@ -495,7 +542,7 @@ class PostgresProtocol:
         ttl_seconds = check_ttl(ttl)
         params: list[Any] = [collection, doc_id, text]
         expiry = _expiry_sql(ttl_seconds, params)
-        statement = self.hot(
+        statement = self.prepared(
             ("create", ttl_seconds is None),
             lambda: sql.SQL(
                 "INSERT INTO {t} AS d (collection, id, data, expires_at) "
@@ -515,7 +562,7 @@ class PostgresProtocol:
     def read(self, collection: str, id: str) -> Steps[Document | None]:
         check_name("collection", collection)
         check_name("id", id)
-        statement = self.hot(
+        statement = self.prepared(
             "read",
             lambda: sql.SQL(
                 "SELECT {cols} FROM {t} WHERE collection = %s AND id = %s AND {live}"
@@ -572,7 +619,7 @@ class PostgresProtocol:
                 cols=_COLUMNS,
             )
 
-        statement = self.hot(("modify", merge, ttl_seconds is None, version is None), build)
+        statement = self.prepared(("modify", merge, ttl_seconds is None, version is None), build)
         rows = yield from self._write_with_unique_retry(collection, statement, params)
         if rows:
             return to_document(rows[0])
@@ -627,7 +674,7 @@ class PostgresProtocol:
         expiry = _expiry_sql(ttl_seconds, params)
         params.append(self.max_document_bytes)
         expired = sql.SQL("(d.expires_at IS NOT NULL AND d.expires_at <= now())")
-        statement = self.hot(
+        statement = self.prepared(
             ("upsert", ttl_seconds is None),
             lambda: sql.SQL(
                 "INSERT INTO {t} AS d (collection, id, data, expires_at) "
@@ -659,7 +706,7 @@ class PostgresProtocol:
         if version is not None:
             guard = sql.SQL(" AND version = %s")
             params.append(version)
-        statement = self.hot(
+        statement = self.prepared(
             ("delete", version is None),
             lambda: sql.SQL(
                 "DELETE FROM {t} WHERE collection = %s AND id = %s AND {live}{guard} RETURNING 1"
@@ -686,7 +733,7 @@ class PostgresProtocol:
         if version is not None:
             guard = sql.SQL(" AND version = %s")
             params.append(version)
-        statement = self.hot(
+        statement = self.prepared(
             ("rename", version is None),
             lambda: sql.SQL(
                 "UPDATE {t} SET id = %s, version = version + 1, updated_at = now() "
@@ -774,34 +821,49 @@ class PostgresProtocol:
             columns = keyset_columns(keys)
             cursor = keyset_params(keyset_values(after, columns))
             keyset = compile_keyset(columns)
-        statement = self.statement(
-            ("query", tuple(map(condition_shape, conditions)), tuple(keys), after is None),
+        statement = self.prepared(
+            (
+                "query",
+                collection,
+                tuple(map(condition_shape, conditions)),
+                tuple(keys),
+                after is None,
+                limit,
+                offset or None,
+            ),
             lambda: sql.SQL(
-                "SELECT {cols} FROM {t} WHERE collection = %s AND {live} AND {where} "
-                "AND {keyset} ORDER BY {order} LIMIT %s OFFSET %s"
+                "SELECT {cols} FROM {t} WHERE collection = {coll} AND {live} AND {where} "
+                "AND {keyset} ORDER BY {order} {paging}"
             ).format(
                 cols=_COLUMNS,
                 t=self._table,
+                coll=PercentSafeLiteral(collection),
                 live=_LIVE,
                 where=compile_where(conditions),
                 keyset=keyset,
                 order=compile_order_by(keys),
+                paging=_paging(limit, offset),
             ),
         )
-        params = [collection, *condition_params(conditions), *cursor, limit, offset]
+        params = [*condition_params(conditions), *cursor, *([offset] if offset else [])]
         rows = yield Execute(statement, params, write=False)
         return [to_document(row) for row in rows]
 
     def count(self, collection: str, filters: Filters | None) -> Steps[int]:
         check_name("collection", collection)
         conditions = parse_filters(filters)
-        statement = self.statement(
-            ("count", tuple(map(condition_shape, conditions))),
+        statement = self.prepared(
+            ("count", collection, tuple(map(condition_shape, conditions))),
             lambda: sql.SQL(
-                "SELECT count(*) FROM {t} WHERE collection = %s AND {live} AND {where}"
-            ).format(t=self._table, live=_LIVE, where=compile_where(conditions)),
+                "SELECT count(*) FROM {t} WHERE collection = {coll} AND {live} AND {where}"
+            ).format(
+                t=self._table,
+                coll=PercentSafeLiteral(collection),
+                live=_LIVE,
+                where=compile_where(conditions),
+            ),
         )
-        rows = yield Execute(statement, [collection, *condition_params(conditions)], write=False)
+        rows = yield Execute(statement, condition_params(conditions), write=False)
         return int(rows[0][0])
 
     def list_collections(self) -> Steps[list[str]]:
@@ -831,13 +893,18 @@ class PostgresProtocol:
         if filters is None:
             raise InvalidQuery("delete_many needs filters; pass {} to delete every document")
         conditions = parse_filters(filters)
-        statement = self.statement(
-            ("delete many", tuple(map(condition_shape, conditions))),
-            lambda: sql.SQL("DELETE FROM {t} WHERE collection = %s AND {live} AND {where}").format(
-                t=self._table, live=_LIVE, where=compile_where(conditions)
+        statement = self.prepared(
+            ("delete many", collection, tuple(map(condition_shape, conditions))),
+            lambda: sql.SQL(
+                "DELETE FROM {t} WHERE collection = {coll} AND {live} AND {where}"
+            ).format(
+                t=self._table,
+                coll=PercentSafeLiteral(collection),
+                live=_LIVE,
+                where=compile_where(conditions),
             ),
         )
-        rows = yield Execute(statement, [collection, *condition_params(conditions)])
+        rows = yield Execute(statement, condition_params(conditions))
         return int(rows[0][0])
 
     def purge_expired(self, collection: str | None, *, batch_size: int) -> Steps[int]:
@@ -869,15 +936,20 @@ class PostgresProtocol:
         check_name("collection", collection)
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
             raise InvalidQuery(f"limit must be an int >= 1, not {limit!r}")
-        statement = self.statement(
-            "pop expired",
+        statement = self.prepared(
+            ("pop expired", collection, limit),
             lambda: sql.SQL(
                 "DELETE FROM {t} WHERE ctid = ANY(ARRAY("
-                " SELECT ctid FROM {t} WHERE expires_at <= now() AND collection = %s LIMIT %s))"
+                " SELECT ctid FROM {t} WHERE expires_at <= now() AND collection = {coll} {paging}))"
                 " RETURNING {cols}"
-            ).format(t=self._table, cols=_COLUMNS),
+            ).format(
+                t=self._table,
+                coll=PercentSafeLiteral(collection),
+                paging=_paging(limit, 0),
+                cols=_COLUMNS,
+            ),
         )
-        rows = yield Execute(statement, (collection, limit))
+        rows = yield Execute(statement, ())
         return [to_document(row) for row in rows]
 
     def ensure_index(
@@ -931,6 +1003,7 @@ class PostgresProtocol:
                 self.plain(render(lock)),
                 self.plain("SET statement_timeout = 0"),
                 self.plain(render(statement)),
+                self.plain(self._statistics_sql(parsed)),
             ),
             # One statement (some drivers run a single one per call): unlock, and
             # put back the timeout RESET would restore.
@@ -940,6 +1013,44 @@ class PostgresProtocol:
             ),
         )
         self._ensured_indexes.add(key)
+
+    def _statistics_sql(self, paths: Sequence[tuple[str, ...]]) -> str:
+        """Return a statement that gives PostgreSQL statistics of each path's expression.
+
+        The planner ignores the statistics of a partial index's expressions
+        (every index here is partial, `WHERE collection = ...`) and so guesses
+        that `path = value` matches 0.5% of the table, and `path = ANY(<1,000
+        values>)` nearly all of it: a sequential scan where the index would read
+        a few rows (purging 2,200 sessions' messages from 1.2 million rows took
+        seconds). An extended statistics object on the expression (PostgreSQL
+        14 and later) gives it the real distribution. Created once per path
+        (a no-op when it exists), then the table is analysed so that it holds
+        numbers at once rather than at autovacuum's next visit; nothing is done
+        on older servers.
+        """
+        table_literal = _literal('"' + self.table_name.replace('"', '""') + '"')
+        steps = []
+        for path in paths:
+            name = f"{self.table_name}_st_{hashlib.sha256(repr(path).encode()).hexdigest()[:16]}"
+            create = render(
+                sql.SQL("CREATE STATISTICS IF NOT EXISTS {} ON ({}) FROM {}").format(
+                    sql.Identifier(name), path_expression(path), sql.Identifier(self.table_name)
+                )
+            ).replace("%%", "%")
+            steps.append(
+                f"IF NOT EXISTS (SELECT 1 FROM pg_statistic_ext WHERE stxrelid = "
+                f"to_regclass({table_literal}) AND stxname = {_literal(name)}) THEN "
+                f"EXECUTE {_literal(create)}; created := true; END IF;"
+            )
+        analyze = render(sql.SQL("ANALYZE {}").format(sql.Identifier(self.table_name)))
+        body = (
+            "DECLARE created boolean := false; BEGIN "
+            "IF current_setting('server_version_num')::int >= 140000 THEN "
+            + " ".join(steps)
+            + f" END IF; IF created THEN EXECUTE {_literal(analyze.replace('%%', '%'))}; END IF;"
+            " END"
+        )
+        return f"DO {_literal(body)}".replace("%", "%%")
 
     # -- sequences --------------------------------------------------------------
 
@@ -971,7 +1082,7 @@ class PostgresProtocol:
         params.extend([collection, child_id, text, parent_id])
         expiry = _expiry_sql(ttl_seconds, params)
         params.extend([parent_collection, parent_id])
-        statement = self.hot(
+        statement = self.prepared(
             ("append", ttl_seconds is None, parent_ttl_seconds is None),
             lambda: sql.SQL(
                 "WITH existing AS ("
@@ -1159,20 +1270,29 @@ class PostgresProtocol:
         if after is not None:
             cursor = keyset_values(after, [("created_at", False), ("id", False)])
             keyset = sql.SQL("(created_at, id) > (%s, %s)")
-        statement = self.statement(
-            ("dump", tuple(map(condition_shape, conditions)), after is None, include_expired),
+        statement = self.prepared(
+            (
+                "dump",
+                collection,
+                tuple(map(condition_shape, conditions)),
+                after is None,
+                include_expired,
+                limit,
+            ),
             lambda: sql.SQL(
-                "SELECT {cols}, child_seq FROM {t} WHERE collection = %s AND {live} AND {where} "
-                "AND {keyset} ORDER BY created_at, id LIMIT %s"
+                "SELECT {cols}, child_seq FROM {t} WHERE collection = {coll} AND {live}"
+                " AND {where} AND {keyset} ORDER BY created_at, id {paging}"
             ).format(
                 cols=_COLUMNS,
                 t=self._table,
+                coll=PercentSafeLiteral(collection),
                 live=sql.SQL("TRUE") if include_expired else _LIVE,
                 where=compile_where(conditions),
                 keyset=keyset,
+                paging=_paging(limit, 0),
             ),
         )
-        params = [collection, *condition_params(conditions), *cursor, limit]
+        params = [*condition_params(conditions), *cursor]
         rows = yield Execute(statement, params, write=False)
         return [Dumped(to_document(tuple(row)[:-1]), int(row[-1])) for row in rows]
 
