@@ -13,10 +13,12 @@ then, as `SessionStore` builds them) and this is timed:
 
 * `list_sessions(user, limit=50)`: the first page of a user holding 1,000
   sessions, and of one holding half of all sessions (10,000 / 100,000);
+  interleaved with the same call through a docstore that sends its
+  statements as text (`prepare_statements=False`: planned on every call);
 * `purge_expired()` with nothing expired, and with 2,200 expired sessions
-  (their 11,000 messages go with them);
-* `get_messages(limit=20)` of a session whose copy is not cached (engineer
-  "budget" owns this row of issue 9; shown for the whole picture).
+  (their 11,000 messages go with them), three times on other sessions;
+* `get_session` and `get_messages(limit=20)` of sessions whose copies are not
+  cached (each session read once), and the ratio of the two medians.
 
 Concurrency (8 threads of hits) is `bench/concurrency_bench.py`.
 """
@@ -41,6 +43,9 @@ from session import SessionStore  # noqa: E402
 
 MESSAGES_PER_SESSION = 5
 EXPIRED = 2200
+PURGE_ROUNDS = 3
+COLD_READS = 100
+LIST_CALLS = 100
 
 
 def build(dsn: str, table: str, sessions: int, heavy: int) -> None:
@@ -98,6 +103,19 @@ def expire(dsn: str, table: str, first: int, count: int) -> None:
     conn.close()
 
 
+def interleaved(first, second, repeat: int) -> tuple[float, float]:
+    """Median milliseconds of `repeat` calls of each, alternating (after one untimed call each)."""
+    first()
+    second()
+    durations: tuple[list[float], list[float]] = ([], [])
+    for _ in range(repeat):
+        for operation, into in ((first, durations[0]), (second, durations[1])):
+            start = time.perf_counter()
+            operation()
+            into.append(time.perf_counter() - start)
+    return statistics.median(durations[0]) * 1000, statistics.median(durations[1]) * 1000
+
+
 def timed(operation, repeat: int) -> float:
     """Median milliseconds of `repeat` calls (after one untimed call)."""
     operation()
@@ -119,6 +137,7 @@ def run(dsn: str, redis_url: str, sessions: int, keep: bool) -> dict[str, float]
     cache = redis.Redis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=5)
     prefix = f"scale:{os.getpid()}:{sessions}:"
     result: dict[str, float] = {"sessions": sessions, "build_s": round(built, 1)}
+    result["load average (1 min) at start"] = round(os.getloadavg()[0], 1)
     store = None
     try:
         started = time.perf_counter()
@@ -130,26 +149,57 @@ def run(dsn: str, redis_url: str, sessions: int, keep: bool) -> dict[str, float]
         analyze(dsn, table)
         page = store.list_sessions("thousand", limit=50)
         assert len(page) == 50 and page[0].updated_at >= page[-1].updated_at
-        result["list_sessions(1,000 of the user's), ms"] = timed(
-            lambda: store.list_sessions("thousand", limit=50), 50
-        )
-        result["list_sessions(half of all are the user's), ms"] = timed(
-            lambda: store.list_sessions("heavy", limit=50), 50
-        )
+        # The same pages through a docstore that sends its statements as text
+        # (prepare_statements=False: parsed and planned on every call), the two
+        # stores interleaved: the cost of planning, measured in this run.
+        text_docs = PostgresDocumentStore(dsn, table=table, prepare_statements=False)
+        text_store = SessionStore(text_docs, cache, key_prefix=prefix, ensure_indexes=False)
+        try:
+            for label, user in (("1,000 of the user's", "thousand"), ("half of all", "heavy")):
+                prepared_ms, text_ms = interleaved(
+                    lambda user=user: store.list_sessions(user, limit=50),
+                    lambda user=user: text_store.list_sessions(user, limit=50),
+                    LIST_CALLS,
+                )
+                result[f"list_sessions({label}), ms"] = prepared_ms
+                result[f"list_sessions({label}), text statements, ms"] = text_ms
+        finally:
+            text_store.close()
+            text_docs.close()
         result["purge_expired(), nothing expired, ms"] = timed(store.purge_expired, 5)
-        expire(dsn, table, heavy + 2000, EXPIRED)
-        start = time.perf_counter()
-        purged = store.purge_expired()
-        result[f"purge_expired(), {EXPIRED:,} expired, ms"] = (time.perf_counter() - start) * 1000
-        assert purged == EXPIRED * (1 + MESSAGES_PER_SESSION), purged
-        # Never read through this store's key prefix: neither copy is cached.
-        cold = [f"sess-{g}" for g in range(heavy + 5000, heavy + 5100)]
-        times = []
-        for session_id in cold:
+        purges = []
+        for round_ in range(PURGE_ROUNDS):
+            expire(dsn, table, heavy + 1001 + round_ * (EXPIRED + 100), EXPIRED)
             start = time.perf_counter()
-            assert len(store.get_messages(session_id, limit=20)) == MESSAGES_PER_SESSION
-            times.append(time.perf_counter() - start)
-        result["get_messages(limit=20), cold, ms"] = statistics.median(times) * 1000
+            purged = store.purge_expired()
+            purges.append((time.perf_counter() - start) * 1000)
+            assert purged == EXPIRED * (1 + MESSAGES_PER_SESSION), purged
+        result[f"purge_expired(), {EXPIRED:,} expired, ms (median of {PURGE_ROUNDS})"] = (
+            statistics.median(purges)
+        )
+        result[f"purge_expired(), {EXPIRED:,} expired, ms (slowest)"] = max(purges)
+
+        # Sessions never read through this store's key prefix: nothing of theirs
+        # is cached. Each one is read once, through get_session or get_messages,
+        # the two interleaved so that both see the same load on the machine.
+        def cold(first: int) -> tuple[float, float]:
+            session_times, message_times = [], []
+            for n in range(COLD_READS):
+                start = time.perf_counter()
+                assert store.get_session(f"sess-{first + 2 * n}") is not None
+                middle = time.perf_counter()
+                found = store.get_messages(f"sess-{first + 2 * n + 1}", limit=20)
+                session_times.append(middle - start)
+                message_times.append(time.perf_counter() - middle)
+                assert len(found) == MESSAGES_PER_SESSION
+            return statistics.median(session_times) * 1000, statistics.median(message_times) * 1000
+
+        cold(heavy + 8000)  # the connections prepare their statements
+        session_ms, messages_ms = cold(heavy + 8000 + 2 * COLD_READS)
+        result["get_session, cold, ms"] = session_ms
+        result["get_messages(limit=20), cold, ms"] = messages_ms
+        result["get_messages cold / get_session cold"] = messages_ms / session_ms
+        result["load average (1 min) at end"] = round(os.getloadavg()[0], 1)
     finally:
         if store is not None:
             store.close()
@@ -180,9 +230,9 @@ def main() -> int:
         parser.error("--dsn and --redis (or POSTGRES_CONNECTION_STRING and REDIS_URL) are needed")
     results = [run(args.dsn, args.redis, n, args.keep) for n in args.sessions]
     keys = [key for key in results[0] if key not in ("sessions",)]
-    print(f"{'':48}" + "".join(f"{r['sessions']:>14,}" for r in results))
+    print(f"{'':56}" + "".join(f"{r['sessions']:>14,}" for r in results))
     for key in keys:
-        print(f"{key:48}" + "".join(f"{r.get(key, '-')!s:>14}" for r in results))
+        print(f"{key:56}" + "".join(f"{r.get(key, '-')!s:>14}" for r in results))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0
