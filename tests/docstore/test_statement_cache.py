@@ -146,6 +146,10 @@ class TestSyncStatementCache:
                 assert [doc.data["owner"] for doc in found] == [collection]
                 assert {doc.collection for doc in found} == {collection}
                 assert store.count(collection, {"k": "same"}) == 1
+                assert [dumped.document.collection for dumped in store.dump(collection)] == [
+                    collection
+                ]
+                assert store.pop_expired(collection) == []
         for collection in COLLECTIONS:
             key = ("count", collection, ((("k",), "$eq", None, None),))
             names.add(store._protocol._statements[(True, key)].name)
