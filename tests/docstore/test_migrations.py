@@ -6,6 +6,7 @@ table) afterwards.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 
 import psycopg2
@@ -203,5 +204,44 @@ def test_the_index_list_matches_what_each_step_builds(dsn: str, table: str) -> N
                 cur.execute("SELECT indexname FROM pg_indexes WHERE tablename = %s", (table,))
                 found = sorted(row[0] for row in cur.fetchall())
             assert found == sorted(table_indexes(table, version))
+    finally:
+        conn.close()
+
+
+def test_large_values_are_written_with_lz4_where_the_server_has_it(dsn: str, table: str) -> None:
+    # Log-like text: TOAST compresses it (random text it would store uncompressed).
+    lines = "".join(f"{i:08d} INFO item {i * 7919 % 10007} status=ok\n" for i in range(5000))
+    conn = connect(dsn)
+    try:
+        # A table of the step before, holding a value written then.
+        migrate(conn, table, steps=MIGRATIONS[:3])
+        with conn.cursor() as cur:
+            cur.execute(
+                sql.SQL("INSERT INTO {} (collection, id, data) VALUES ('c', 'old', %s)").format(
+                    sql.Identifier(table)
+                ),
+                (json.dumps({"content": lines}),),
+            )
+        store = PostgresDocumentStore(dsn, table=table)  # migrates the table
+        try:
+            store.create("c", {"content": lines}, id="new")
+            for id_ in ("old", "new"):
+                found = store.read("c", id_)
+                assert found is not None and found.data == {"content": lines}
+        finally:
+            store.close()
+        with conn.cursor() as cur:
+            cur.execute(
+                "SELECT coalesce(bool_or(enumvals @> ARRAY['lz4']), false) FROM pg_settings"
+                " WHERE name = 'default_toast_compression'"
+            )
+            has_lz4 = cur.fetchone() == (True,)
+            cur.execute(
+                sql.SQL("SELECT id, pg_column_compression(data) FROM {} ORDER BY id").format(
+                    sql.Identifier(table)
+                )
+            )
+            methods = dict(cur.fetchall())
+        assert methods == {"new": "lz4" if has_lz4 else "pglz", "old": "pglz"}
     finally:
         conn.close()
