@@ -386,7 +386,8 @@ def run(
     )
     print(
         f"INFO used_memory growth per read: median {statistics.median(growths):,.0f} B "
-        f"(each: {', '.join(f'{g:,}' for g in growths)}; other clients of the server count too)"
+        f"(each: {', '.join(f'{g:,}' for g in growths)}; the first on a connection also "
+        "keeps the buffer that took its 200 KB argument; other clients count too)"
     )
 
 
