@@ -1,7 +1,8 @@
 """Large messages: cold reads that cost what they return, and Redis growth per conversation.
 
 Usage: python bench/large_messages_bench.py [--rounds 200] [--conversations 4]
-       [--messages 120] [--size 200000] [--content random|text] [--no-breakdown]
+       [--messages 120] [--size 200000] [--content random|text]
+       [--compression pglz|lz4] [--no-breakdown]
 
 Talks to the servers named by POSTGRES_CONNECTION_STRING and REDIS_URL (by
 default the local ones below). Everything lives in a fresh docstore table and
@@ -28,8 +29,8 @@ alternating with raw floors (`_common.interleaved`):
 
 The summary prints target (a), cold limit=3 large / small, next to what bounds
 it from below: the raw read of the three large rows divided by the store's
-cold small read. `--breakdown` (on by default) then takes the cold large read
-apart: PostgreSQL's own time for the exact statement (EXPLAIN ANALYZE, which
+cold small read. The breakdown (`--no-breakdown` skips it) then takes the
+cold large read apart: PostgreSQL's own time for the exact statement (EXPLAIN ANALYZE, which
 runs no output function), for detoasting the values once more and for
 `jsonb_out` (the statement wrapped in an aggregate), the transfer and
 psycopg2's decoding, the JSON parse, msgpack encoding, and installing the
