@@ -352,6 +352,12 @@ def run(
         f"/ raw read + msgpack SET: {cold_large / cached_large:.2f}; "
         f"raw large / raw small: {raw_large / raw_small:.2f}"
     )
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if load > cores:
+        print(
+            f"    (load average {load:.1f} on {cores} cores: the small read's four round trips "
+            "wait for the CPU, so both ratios understate what an idle machine shows)"
+        )
     cold_20 = medians["cold get_messages(limit=20), small"]
     cold_get = medians["cold get_session, small"]
     ratio_20 = cold_20 / cold_get
