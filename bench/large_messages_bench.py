@@ -258,7 +258,7 @@ def run(
     conversation = {
         session_id: state.conversation
         for session_id in large + small
-        if (state := store._lookup(session_id).state) is not None  # noqa: SLF001
+        if (state := store._drive(store._lookup(session_id)).state) is not None  # noqa: SLF001
     }
     raw.cur.execute(
         sql.SQL(
