@@ -12,6 +12,11 @@ the test drops exactly those afterwards, never anything else. The names carry
 this run's tag (`$DOCSTORE_SESSION_TEST_RUN`, set below), and with real
 servers configured the run fails if any table or key so named is left over
 at its end (`nothing_left_behind`).
+
+`--real-servers-only` (CI's second suite, `.ci/run`) keeps only the tests that
+can reach the servers the service variables name: a test that runs the same
+without them (memory stores, fakeredis, the embedded server, a private
+redis-server) already ran in the first suite, so it is deselected there.
 """
 
 from __future__ import annotations
@@ -21,12 +26,24 @@ import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg2
 import pytest
 from leftovers import left_behind
 
 from session.pytest_plugin import REDIS_VARIABLE, RUN_VARIABLE, run_tag, server_url
 
 REAL_SERVER_VARIABLE = "POSTGRES_CONNECTION_STRING"
+REAL_SERVERS_ONLY = "--real-servers-only"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        REAL_SERVERS_ONLY,
+        action="store_true",
+        help="run only the tests that can reach the servers named by "
+        f"{REAL_SERVER_VARIABLE} and {REDIS_VARIABLE} (both must be set); the others run "
+        "alike without them, in a run without the variables",
+    )
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -62,7 +79,20 @@ def embedded_dsn(embedded_data_dir: Path) -> str:
     """Start (once per session) the embedded server in a temporary directory."""
     from docstore.embedded import start_embedded
 
-    return start_embedded(embedded_data_dir)
+    dsn = start_embedded(embedded_data_dir)
+    # A server of this session's own, thrown away with it. fsync only protects
+    # against the machine crashing, which no test does: every commit is still
+    # written to the kernel before it returns, so a killed client or server
+    # loses nothing (unlike synchronous_commit = off, left on).
+    conn = psycopg2.connect(dsn, connect_timeout=10)
+    try:
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute("ALTER SYSTEM SET fsync = off")
+            cur.execute("SELECT pg_reload_conf()")
+    finally:
+        conn.close()
+    return dsn
 
 
 @pytest.fixture(scope="session")
@@ -94,11 +124,82 @@ def _does_not_apply(item: pytest.Item) -> bool:
     return False
 
 
+# Fixtures that hand a test the servers the service variables name (directly,
+# or, like `postgres_docstore_of_the_run`, when the variables are set).
+_SERVICE_FIXTURES = frozenset(
+    {
+        "real_dsn",
+        "redis_url",
+        "real_postgres_docstore",
+        "postgres_docstore_of_the_run",
+        # session.pytest_plugin's
+        "postgres_url",
+        "postgres_docstore",
+        "redis_server_url",
+        "real_redis",
+        "real_session_store",
+    }
+)
+# Values of the backend parametrizations (`backend`, `deployment`, `dsn`, ...)
+# that name no real server.
+_SERVERLESS_BACKENDS = frozenset({"memory", "embedded", "embedded+fakeredis"})
+# Tests with none of the above that are known to run alike with and without the
+# variables. tests/faults/: the embedded server and private redis-server
+# processes (tests/faults/conftest.py); the memory docstores; the SessionStore
+# contract on the memory docstore with fakeredis, no cache, a private server.
+_SERVERLESS_NODES = (
+    "tests/faults/",
+    "tests/docstore/test_memory_store.py::",
+    "tests/docstore/test_async_memory_store.py::",
+    "tests/session/test_session_store.py::TestFakeRedis::",
+    "tests/session/test_session_store.py::TestNoCache::",
+    "tests/session/test_session_store.py::TestPrivateRedisServer::",
+)
+
+
+def _runs_alike_without_servers(item: pytest.Item) -> bool:
+    """Whether `item` provably never reaches a server the service variables name.
+
+    Only what is known counts: anything marked for the real servers, or using a
+    fixture that hands them out, or not recognised here, can reach them.
+    """
+    if item.get_closest_marker("postgres") or item.get_closest_marker("redis"):
+        return False
+    if _SERVICE_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+        return False
+    if item.get_closest_marker("no_real_servers") is not None:
+        return True
+    if item.get_closest_marker("embedded") is not None:
+        return True  # the embedded server in place of the real one
+    callspec = getattr(item, "callspec", None)
+    if callspec is not None and any(
+        isinstance(value, str) and value in _SERVERLESS_BACKENDS
+        for value in callspec.params.values()
+    ):
+        return True
+    return item.nodeid.startswith(_SERVERLESS_NODES)
+
+
+def _check_real_servers_only(config: pytest.Config) -> None:
+    missing = [v for v in (REAL_SERVER_VARIABLE, REDIS_VARIABLE) if not os.environ.get(v)]
+    if missing:
+        raise pytest.UsageError(
+            f"{REAL_SERVERS_ONLY} needs the servers to test against: {', '.join(missing)} unset"
+        )
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Deselect contract tests that do not apply to a configuration (instead of skipping)."""
+    """Deselect contract tests that do not apply to a configuration (instead of skipping).
+
+    With `--real-servers-only`, deselect too the tests that run alike without servers.
+    """
+    real_only = config.getoption(REAL_SERVERS_ONLY)
+    if real_only:
+        _check_real_servers_only(config)
     keep, drop = [], []
     for item in items:
-        (drop if _does_not_apply(item) else keep).append(item)
+        not_here = _does_not_apply(item) or (real_only and _runs_alike_without_servers(item))
+        (drop if not_here else keep).append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep
