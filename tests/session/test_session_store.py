@@ -13,8 +13,10 @@
 - `TestRealPostgresRealRedis`: the real-Redis configuration on the PostgreSQL
   server named by POSTGRES_CONNECTION_STRING.
 
-The PostgreSQL-backed classes share one store per class on a table of their own
-(dropped afterwards); every test still works in its own collections.
+Every test of the PostgreSQL-backed classes gets a store on a table of its own
+(dropped afterwards). A table shared by many tests piles up the indexes each
+test's collections get, and planning every query over a thousand of them made
+the later tests many times slower than the first.
 """
 
 from __future__ import annotations
@@ -174,19 +176,19 @@ class TestPrivateRedisServer(SessionStoreContract):
 _POOL_SIZE = 20
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def embedded_postgres_docstore(embedded_dsn: str) -> Iterator[DocumentStore]:
     with postgres_store_factory(embedded_dsn) as make:
         yield make(max_connections=_POOL_SIZE)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def real_postgres_docstore(real_dsn: str) -> Iterator[DocumentStore]:
     with postgres_store_factory(real_dsn) as make:
         yield make(max_connections=_POOL_SIZE)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def postgres_docstore_of_the_run(request: pytest.FixtureRequest) -> DocumentStore:
     """Return the real server's store when POSTGRES_CONNECTION_STRING names one, else the embedded.
 
