@@ -17,18 +17,25 @@ at its end (`nothing_left_behind`).
 can reach the servers the service variables name: a test that runs the same
 without them (memory stores, fakeredis, the embedded server, a private
 redis-server) already ran in the first suite, so it is deselected there.
+
+Under pytest-xdist (`-n`, in pyproject's addopts) the tests marked `serial`,
+those that bound how long a call may take under a fault, run alone: the
+other workers wait for them (`serial_lock.RunLock`).
 """
 
 from __future__ import annotations
 
 import os
 import secrets
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg2
 import pytest
 from leftovers import left_behind
+from serial_lock import RunLock
 
 from session.pytest_plugin import REDIS_VARIABLE, RUN_VARIABLE, run_tag, server_url
 
@@ -46,9 +53,37 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
+# The directory of the run's `RunLock`, made by the xdist controller for its workers.
+_LOCK_VARIABLE = "DOCSTORE_SESSION_TEST_LOCKS"
+_RUN_LOCK = pytest.StashKey[RunLock]()
+
+
 def pytest_configure(config: pytest.Config) -> None:
     """Tag the names this run creates; subprocesses (pytester, examples) inherit the tag."""
     os.environ[RUN_VARIABLE] = secrets.token_hex(4)
+    if hasattr(config, "workerinput"):  # an xdist worker: join the controller's lock
+        directory = os.environ.get(_LOCK_VARIABLE)
+        if directory:
+            config.stash[_RUN_LOCK] = RunLock(Path(directory))
+    elif getattr(config.option, "numprocesses", None):  # the controller of workers
+        os.environ[_LOCK_VARIABLE] = tempfile.mkdtemp(prefix="docstore-session-locks-")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    lock = config.stash.get(_RUN_LOCK, None)
+    if lock is not None:
+        lock.close()
+    elif not hasattr(config, "workerinput") and os.environ.get(_LOCK_VARIABLE):
+        shutil.rmtree(os.environ.pop(_LOCK_VARIABLE), ignore_errors=True)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    lock = item.config.stash.get(_RUN_LOCK, None)
+    if lock is None:
+        return (yield)
+    with lock.hold(alone=item.get_closest_marker("serial") is not None):
+        return (yield)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -180,6 +215,21 @@ def _runs_alike_without_servers(item: pytest.Item) -> bool:
     return item.nodeid.startswith(_SERVERLESS_NODES)
 
 
+# Tests that bound how long a call may take (or how long a stale copy may
+# last) under a fault: they run alone under xdist (marked `serial` here; a test
+# elsewhere can carry the marker itself).
+_SERIAL_NODES = (
+    "tests/faults/test_fault_postgres.py::",
+    "tests/faults/test_fault_redis.py::",
+    "tests/faults/test_fault_pop.py::",
+    "tests/faults/test_fault_process.py::",
+    "tests/faults/test_history_checker.py::",
+    "tests/docstore/test_postgres_faults.py::",
+    "tests/docstore/test_async_postgres_faults.py::",
+)
+_SERIAL_TESTS = ("test_stalled_redis_never_stalls_a_call_for_long",)
+
+
 def _check_real_servers_only(config: pytest.Config) -> None:
     missing = [v for v in (REAL_SERVER_VARIABLE, REDIS_VARIABLE) if not os.environ.get(v)]
     if missing:
@@ -198,6 +248,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         _check_real_servers_only(config)
     keep, drop = [], []
     for item in items:
+        if item.nodeid.startswith(_SERIAL_NODES) or getattr(item, "originalname", "") in (
+            _SERIAL_TESTS
+        ):
+            item.add_marker(pytest.mark.serial)
         not_here = _does_not_apply(item) or (real_only and _runs_alike_without_servers(item))
         (drop if not_here else keep).append(item)
     if drop:
