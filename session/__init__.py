@@ -1,6 +1,7 @@
 """Write-through cached session store: PostgreSQL documents, Redis hot copies."""
 
-from .config import get_session_store
+from .async_store import AsyncSessionStore
+from .config import get_async_session_store, get_session_store
 from .errors import (
     InvalidSessionData,
     SessionError,
@@ -16,6 +17,8 @@ __all__ = [
     "Session",
     "Message",
     "get_session_store",
+    "AsyncSessionStore",
+    "get_async_session_store",
     "SessionError",
     "SessionNotFound",
     "VersionConflict",

@@ -1,26 +1,33 @@
-"""Build a SessionStore from the environment: the docstore's URL variables and REDIS_URL."""
+"""Build a SessionStore or an AsyncSessionStore from the environment: the docstore's URL
+variables and REDIS_URL."""
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
 import psycopg2
 import psycopg2.extensions
 import redis
+import redis.asyncio
+from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from docstore import get_document_store
+from docstore import get_async_document_store, get_document_store
 from docstore.config import MEMORY_URL, URL_VARIABLES
 
+from .async_store import AsyncSessionStore
 from .coherence import check_key_prefix
 from .store import SessionStore
 
 __all__ = [
     "get_session_store",
+    "get_async_session_store",
     "redis_client_from_url",
+    "async_redis_client_from_url",
     "check_redis_url",
     "check_postgres_dsn",
     "check_key_prefix",
@@ -50,6 +57,18 @@ def redis_client_from_url(url: str) -> redis.Redis:
     )
 
 
+def async_redis_client_from_url(url: str) -> redis.asyncio.Redis:
+    """Return a `redis.asyncio` client that fails fast, as `redis_client_from_url`'s does."""
+    client: redis.asyncio.Redis = redis.asyncio.Redis.from_url(
+        url,
+        socket_timeout=REDIS_SOCKET_TIMEOUT,
+        socket_connect_timeout=REDIS_SOCKET_TIMEOUT,
+        retry=AsyncRetry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
+        health_check_interval=30,
+    )
+    return client
+
+
 def check_redis_url(url: str) -> None:
     """Raise ValueError unless redis-py can parse `url` (the message never quotes the URL)."""
     try:
@@ -77,7 +96,7 @@ def check_postgres_dsn(dsn: str) -> None:
             raise ValueError("the port of the PostgreSQL connection string is not a number")
 
 
-def _in_process_redis() -> redis.Redis:
+def _fakeredis() -> Any:
     try:
         import fakeredis
     except ImportError as exc:
@@ -85,7 +104,18 @@ def _in_process_redis() -> redis.Redis:
             "REDIS_URL is not set and fakeredis is not installed: set REDIS_URL to a Redis "
             "server, or install fakeredis[lua] for an in-process cache"
         ) from exc
+    return fakeredis
+
+
+def _in_process_redis() -> redis.Redis:
+    fakeredis = _fakeredis()
     client: redis.Redis = fakeredis.FakeRedis(server=fakeredis.FakeServer())
+    return client
+
+
+def _in_process_async_redis() -> redis.asyncio.Redis:
+    fakeredis = _fakeredis()
+    client: redis.asyncio.Redis = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
     return client
 
 
@@ -124,6 +154,37 @@ def get_session_store(
         cache.close()
         documents.close()
         raise
+
+
+def get_async_session_store(
+    *,
+    docstore_url: str | None = None,
+    redis_url: str | None = None,
+    cache_ttl: float = 3600,
+    session_ttl: float | None = None,
+    key_prefix: str = "sess:",
+) -> AsyncSessionStore:
+    """Return an AsyncSessionStore that owns (and closes) what it builds, as `get_session_store`.
+
+    The docstore comes from `docstore.get_async_document_store(docstore_url)`;
+    the cache from `redis_url`, else `REDIS_URL` (a `redis.asyncio` client with
+    the same timeouts), else an in-process fakeredis server (its asyncio
+    client). Nothing connects here; with no docstore URL at all the embedded
+    PostgreSQL server is started here, so call this at start-up rather than
+    from a coroutine.
+    """
+    url = redis_url if redis_url is not None else os.environ.get(REDIS_VARIABLE) or None
+    # Neither client connects before its first call: nothing to close on failure.
+    cache = async_redis_client_from_url(url) if url else _in_process_async_redis()
+    return AsyncSessionStore(
+        get_async_document_store(docstore_url),
+        cache,
+        cache_ttl=cache_ttl,
+        session_ttl=session_ttl,
+        key_prefix=key_prefix,
+        owns_docstore=True,
+        owns_cache=True,
+    )
 
 
 @dataclass(frozen=True)

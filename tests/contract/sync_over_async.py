@@ -14,16 +14,23 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextvars
+import inspect
 import threading
-from collections.abc import Awaitable, Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from functools import partial
 from typing import Any, TypeVar
 
 from docstore import AsyncDocumentStore, Document, DocumentStore
 from docstore.store import Dumped, Filters, OrderBy, Ttl
+from session import AsyncSessionStore
 
-__all__ = ["LoopThread", "SyncOverAsyncStore"]
+__all__ = [
+    "LoopThread",
+    "SyncOverAsyncStore",
+    "AsyncOverSyncDocumentStore",
+    "SyncOverAsyncSessionStore",
+]
 
 T = TypeVar("T")
 
@@ -271,3 +278,120 @@ class SyncOverAsyncStore(DocumentStore):
 
     def close(self) -> None:
         self._run(self.async_store.aclose)
+
+
+class AsyncOverSyncDocumentStore(AsyncDocumentStore):
+    """A sync `DocumentStore` behind coroutines, each call in a worker thread.
+
+    For session tests that hand the store a docstore of their own (a
+    `DocstoreProxy` that counts calls, fails them or holds them): its hooks
+    may block, which they may do in a worker thread but never on the loop. A
+    transaction block runs all its calls on one thread of its own, since the
+    sync stores scope transactions to a thread.
+    """
+
+    def __init__(self, inner: DocumentStore) -> None:
+        self.inner = inner
+        self._threads = concurrent.futures.ThreadPoolExecutor(max_workers=32)
+        self._block_thread: contextvars.ContextVar[concurrent.futures.Executor | None] = (
+            contextvars.ContextVar(f"block_thread_{id(self)}", default=None)
+        )
+
+    def __getattribute__(self, name: str) -> Any:
+        if name in _ASYNC_METHODS:
+            inner = object.__getattribute__(self, "inner")
+            block = object.__getattribute__(self, "_block_thread").get()
+            threads = block or object.__getattribute__(self, "_threads")
+            method = getattr(inner, name)
+
+            async def call(*args: Any, **kwargs: Any) -> Any:
+                loop = asyncio.get_running_loop()
+                return await loop.run_in_executor(threads, partial(method, *args, **kwargs))
+
+            return call
+        return object.__getattribute__(self, name)
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[None]:
+        loop = asyncio.get_running_loop()
+        thread = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+        block = self.inner.transaction()
+        token = self._block_thread.set(thread)
+        try:
+            await loop.run_in_executor(thread, block.__enter__)
+            try:
+                yield
+            except BaseException as exc:
+                exit_block = partial(block.__exit__, type(exc), exc, exc.__traceback__)
+                if not await loop.run_in_executor(thread, exit_block):
+                    raise
+            else:
+                await loop.run_in_executor(thread, partial(block.__exit__, None, None, None))
+        finally:
+            self._block_thread.reset(token)
+            thread.shutdown(wait=False)
+
+    async def aclose(self) -> None:
+        self._threads.shutdown(wait=False)
+
+
+_ASYNC_METHODS = frozenset(
+    {
+        "create",
+        "read",
+        "update",
+        "replace",
+        "upsert",
+        "delete",
+        "query",
+        "count",
+        "list_collections",
+        "delete_collection",
+        "ensure_index",
+        "append",
+        "pop_child",
+        "delete_children",
+        "rename",
+        "delete_many",
+        "purge_expired",
+        "pop_expired",
+        "dump",
+        "restore",
+        "restore_many",
+    }
+)
+for _name in _ASYNC_METHODS:
+    # Satisfy the ABC: the real coroutines come from __getattribute__.
+    setattr(AsyncOverSyncDocumentStore, _name, getattr(AsyncDocumentStore, _name))
+AsyncOverSyncDocumentStore.__abstractmethods__ = frozenset()
+
+
+class SyncOverAsyncSessionStore:
+    """The `SessionStore` interface over an `AsyncSessionStore`, for the session contract.
+
+    Each coroutine method becomes a blocking call that runs it as a task on
+    the loop thread; everything else (`stats`, properties) passes through.
+    """
+
+    def __init__(self, async_store: AsyncSessionStore, loop: LoopThread) -> None:
+        self.async_store = async_store
+        self.loop_thread = loop
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.async_store, name)
+        if name.startswith("_") or not inspect.iscoroutinefunction(attr):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return self.loop_thread.run(partial(attr, *args, **kwargs))
+
+        return call
+
+    def close(self) -> None:
+        self.loop_thread.run(self.async_store.aclose)
+
+    def __enter__(self) -> SyncOverAsyncSessionStore:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
