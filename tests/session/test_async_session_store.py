@@ -238,7 +238,8 @@ def memory_store(**kwargs: Any) -> AsyncSessionStore:
     )
 
 
-def test_building_needs_no_running_loop() -> None:
+def test_building_needs_no_running_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("REDIS_URL", raising=False)  # an in-process fakeredis
     with pytest.raises(RuntimeError):
         asyncio.get_running_loop()
     store = memory_store()
