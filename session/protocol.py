@@ -1194,13 +1194,16 @@ class SessionProtocol:
         if not try_cache:
             self._remember_stale(session_id)
             return
+        keys = self._keys(session_id).all()
         args: list[object] = [TOMBSTONE if tombstone else b"", self._tombstone_ms]
         try:
-            done = yield from self._run(
-                "INVALIDATE", self._keys(session_id).all(), args, _parse_int, write=True
-            )
+            done = yield from self._run("INVALIDATE", keys, args, _parse_int, write=True)
         except Abandoned:
+            # The caller went away before Redis answered: remember the session (this
+            # store's next Redis call removes its copy), and run the invalidation
+            # again in the clean-up, since other stores may read the copy meanwhile.
             self._remember_stale(session_id)
+            yield from self._run("INVALIDATE", keys, args, _parse_int, write=True)
             raise
         if done is None:
             self._remember_stale(session_id)
