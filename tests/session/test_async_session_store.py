@@ -238,6 +238,7 @@ def memory_store(**kwargs: Any) -> AsyncSessionStore:
     )
 
 
+@pytest.mark.no_real_servers
 def test_building_needs_no_running_loop(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("REDIS_URL", raising=False)  # an in-process fakeredis
     with pytest.raises(RuntimeError):
@@ -256,6 +257,7 @@ def test_building_needs_no_running_loop(monkeypatch: pytest.MonkeyPatch) -> None
     asyncio.run(use())
 
 
+@pytest.mark.no_real_servers
 def test_get_async_session_store_mirrors_get_session_store(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -286,6 +288,7 @@ def test_get_async_session_store_mirrors_get_session_store(
     asyncio.run(in_process.aclose())
 
 
+@pytest.mark.no_real_servers
 def test_aclose_closes_only_what_the_store_owns() -> None:
     closed: list[str] = []
 
@@ -313,6 +316,7 @@ def test_aclose_closes_only_what_the_store_owns() -> None:
     assert sorted(closed) == ["cache", "docstore"]
 
 
+@pytest.mark.no_real_servers
 def test_every_sync_method_is_a_coroutine_here_except_stats() -> None:
     from session import SessionStore
 
@@ -334,6 +338,7 @@ def test_every_sync_method_is_a_coroutine_here_except_stats() -> None:
     assert store.stats()["hits"] == 0
 
 
+@pytest.mark.no_real_servers
 def test_errors_are_the_session_packages_own() -> None:
     class Failing(AsyncMemoryDocumentStore):
         async def update(self, *args: Any, **kwargs: Any) -> Any:
@@ -406,7 +411,7 @@ def _run_watching_the_loop(
 
 
 @pytest.fixture
-def redis_server_url(tmp_path: Path) -> Iterator[str]:
+def loop_redis_url(tmp_path: Path) -> Iterator[str]:
     """Return REDIS_URL, else the URL of a redis-server started for the test.
 
     A real server either way: an in-process fakeredis runs Redis itself on the loop.
@@ -426,9 +431,9 @@ def redis_server_url(tmp_path: Path) -> Iterator[str]:
         server.stop()
 
 
-def test_no_call_blocks_the_event_loop(
-    request: pytest.FixtureRequest, redis_server_url: str
-) -> None:
+# Bounds how long a loop step takes: alone under pytest-xdist (tests/conftest.py).
+@pytest.mark.serial
+def test_no_call_blocks_the_event_loop(request: pytest.FixtureRequest, loop_redis_url: str) -> None:
     """Every call against real servers (PostgreSQL of the run): no loop step takes 20 ms."""
     real = bool(os.environ.get(POSTGRES_VARIABLE))
     dsn: str = request.getfixturevalue("real_dsn" if real else "embedded_dsn")
@@ -438,7 +443,7 @@ def test_no_call_blocks_the_event_loop(
     def make_store() -> AsyncSessionStore:
         return AsyncSessionStore(
             AsyncPostgresDocumentStore(dsn, table=table),
-            async_redis_client_from_url(redis_server_url),
+            async_redis_client_from_url(loop_redis_url),
             key_prefix=prefix,
             owns_docstore=True,
             owns_cache=True,
@@ -462,7 +467,7 @@ def test_no_call_blocks_the_event_loop(
         assert _run_watching_the_loop(calls, make_store) == []
     finally:
         drop_tables(dsn, [table])
-        with redis.Redis.from_url(redis_server_url) as client:
+        with redis.Redis.from_url(loop_redis_url) as client:
             keys = list(client.scan_iter(match=f"{prefix}*"))
             if keys:
                 client.delete(*keys)
