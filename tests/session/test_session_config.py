@@ -117,11 +117,25 @@ def test_decoding_client_is_refused() -> None:
 
 
 def test_redis_errors_never_reach_the_caller() -> None:
+    # Every reply is an error, wherever the store sends its commands from.
     class Broken(fakeredis.FakeRedis):
         def evalsha(self, *args: Any, **kwargs: Any) -> Any:
             raise redis.ResponseError("script exploded")
 
-    with SessionStore(MemoryDocumentStore(), Broken(server=fakeredis.FakeServer())) as store:
+    client = Broken(server=fakeredis.FakeServer())
+    get_connection = client.connection_pool.get_connection
+
+    def broken_connection() -> Any:
+        connection = get_connection()
+
+        def read_response(*args: Any, **kwargs: Any) -> Any:
+            raise redis.ResponseError("script exploded")
+
+        connection.read_response = read_response
+        return connection
+
+    client.connection_pool.get_connection = broken_connection  # type: ignore[method-assign]
+    with SessionStore(MemoryDocumentStore(), client) as store:
         created = store.create_session()
         assert store.get_session(created.id) == created
         assert store.update_session(created.id, {"a": 1}).version == 2
