@@ -25,6 +25,7 @@ PACKAGES = ("docstore", "session")
 OPTIONAL = {
     "fakeredis": "test",
     "pytest": "test",
+    "pytest_asyncio": "test",
     "prometheus_client": "metrics",
     "opentelemetry": "metrics",
 }
