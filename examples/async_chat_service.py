@@ -99,8 +99,9 @@ class AsyncChatService:
             message_id=None if request_id is None else f"{request_id}.user",
         )
         # The bot sees the conversation up to this request's message, also on a retry.
-        recent = await store.get_messages(session.id, limit=HISTORY_LIMIT)
-        context = [message for message in recent if message.seq <= user_message.seq]
+        context = await store.get_messages(
+            session.id, before_seq=user_message.seq + 1, limit=HISTORY_LIMIT
+        )
         reply = await store.add_message(
             session.id,
             "assistant",
