@@ -79,6 +79,7 @@ def client(async_session_store: AsyncSessionStore) -> httpx.AsyncClient:
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://chat")
 
 
+@pytest.mark.no_real_servers
 @pytest.mark.asyncio
 async def test_a_conversation_over_http(client: httpx.AsyncClient) -> None:
     async with client:
@@ -92,6 +93,7 @@ async def test_a_conversation_over_http(client: httpx.AsyncClient) -> None:
         assert got.json() == {"session_id": session_id, "history": expected_history(2)}
 
 
+@pytest.mark.no_real_servers
 @pytest.mark.asyncio
 async def test_a_retried_request_is_not_added_twice(client: httpx.AsyncClient) -> None:
     async with client:
@@ -102,6 +104,7 @@ async def test_a_retried_request_is_not_added_twice(client: httpx.AsyncClient) -
         assert first["history"] == expected_history(1)
 
 
+@pytest.mark.no_real_servers
 @pytest.mark.asyncio
 async def test_bad_requests_get_http_errors(client: httpx.AsyncClient) -> None:
     async with client:

@@ -58,6 +58,7 @@ async def round_trip(store: AsyncSessionStore) -> str:
     return created.id
 
 
+@pytest.mark.no_real_servers
 @pytest.mark.asyncio
 async def test_async_session_store_under_pytest_asyncio(
     async_session_store: AsyncSessionStore,
@@ -72,6 +73,7 @@ async def test_async_session_store_under_pytest_asyncio(
     assert any(session_id.encode() in key for key in keys)
 
 
+@pytest.mark.no_real_servers
 @pytest.mark.anyio
 async def test_async_session_store_under_anyio(
     async_session_store: AsyncSessionStore, async_fake_redis: redis.asyncio.Redis
@@ -131,6 +133,7 @@ INNER_IN_PROCESS = """
 """
 
 
+@pytest.mark.no_real_servers
 @pytest.mark.parametrize("runner", RUNNERS)
 def test_async_fixtures_under_each_runner(pytester: pytest.Pytester, runner: str) -> None:
     pytester.makepyfile(test_inner=inner_file(runner, INNER_IN_PROCESS))
@@ -196,6 +199,7 @@ INNER_ANYIO_ELSEWHERE = """
 """
 
 
+@pytest.mark.no_real_servers
 def test_anyio_tests_the_fixtures_cannot_serve_fail_with_the_reason(
     pytester: pytest.Pytester,
 ) -> None:
@@ -226,6 +230,7 @@ INNER_NEEDS_SERVERS = """
 """
 
 
+@pytest.mark.no_real_servers
 def test_missing_servers_skip_the_async_real_fixtures(
     pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
 ) -> None:
