@@ -1,10 +1,12 @@
 """The history checker: a workload that records every call, and the checks run on the record.
 
-`run_worker` drives one SessionStore from one thread (several threads, and a
-child process through `fault_worker.py`, run it at once) while the test
-injects faults. Every call is an `Op`: what was called, on which session, when
-it started and ended (`time.monotonic()`, one clock for every process on
-Linux), and its result or the qualified name of the exception it raised.
+`workload` is what one worker does (a generator of calls); `run_worker` runs
+it on one SessionStore from one thread (several threads, and child processes
+through `fault_worker.py`, run it at once), `run_async_worker` on an
+AsyncSessionStore from one asyncio task, while the test injects faults.
+Every call is an `Op`: what was called, on which session, when it started
+and ended (`time.monotonic()`, one clock for every process on Linux), and
+its result or the qualified name of the exception it raised.
 `check` then looks for lost writes, stale reads, untyped errors and slow calls.
 A stale read is excused only by a Redis fault (see `_excused`), never by the
 state of a circuit breaker: the breaker is part of the code under test.
@@ -12,22 +14,25 @@ state of a circuit breaker: the breaker is part of the code under test.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import random
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Protocol
 
-from session import SessionStore
+from session import AsyncSessionStore, SessionStore
 
 __all__ = [
     "Op",
     "Recorder",
     "run_worker",
+    "run_async_worker",
+    "workload",
     "check",
     "FaultWindow",
     "Truth",
@@ -83,14 +88,30 @@ class Recorder:
         try:
             result = run()
         except Exception as exc:
-            op.end = time.monotonic()
+            return self._record(op, None, exc)
+        return self._record(op, result, None)
+
+    async def acall(self, op: Op, call: Awaitable[Any]) -> Any:
+        try:
+            result = await call
+        except Exception as exc:
+            return self._record(op, None, exc)
+        return self._record(op, result, None)
+
+    def _record(self, op: Op, result: Any, exc: Exception | None) -> Any:
+        op.end = time.monotonic()
+        if exc is not None:
             op.error = f"{type(exc).__module__}.{type(exc).__qualname__}"
-            result = None
-        else:
-            op.end = time.monotonic()
         with self._lock:
             self.ops.append(op)
         return result
+
+
+# What a workload asks its runner to do: call a store method and record it as `op`
+# (the result, None if it raised, is sent back), or think for a while.
+Call = tuple[Op, str, tuple[Any, ...], dict[str, Any]]
+Think = float
+Workload = Generator[Call | Think, Any, None]
 
 
 def run_worker(
@@ -102,6 +123,51 @@ def run_worker(
     recorder: Recorder,
     seed: int,
 ) -> None:
+    """Run `workload` on a SessionStore from this thread."""
+    steps = workload(worker, session_ids, user_id, stop_at, seed)
+    try:
+        step = next(steps)
+        while True:
+            if isinstance(step, float):
+                # Not a wait for anything: a think time that spreads the calls over the faults.
+                time.sleep(step)
+                step = steps.send(None)
+            else:
+                op, method, args, kwargs = step
+                step = steps.send(
+                    recorder.call(op, partial(getattr(store, method), *args, **kwargs))
+                )
+    except StopIteration:
+        pass
+
+
+async def run_async_worker(
+    store: AsyncSessionStore,
+    worker: str,
+    session_ids: Sequence[str],
+    user_id: str,
+    stop_at: float,
+    recorder: Recorder,
+    seed: int,
+) -> None:
+    """Run `workload` on an AsyncSessionStore from this task: the same calls, awaited."""
+    steps = workload(worker, session_ids, user_id, stop_at, seed)
+    try:
+        step = next(steps)
+        while True:
+            if isinstance(step, float):
+                await asyncio.sleep(step)  # the think time, as above
+                step = steps.send(None)
+            else:
+                op, method, args, kwargs = step
+                step = steps.send(await recorder.acall(op, getattr(store, method)(*args, **kwargs)))
+    except StopIteration:
+        pass
+
+
+def workload(
+    worker: str, session_ids: Sequence[str], user_id: str, stop_at: float, seed: int
+) -> Workload:
     """Update, append (retrying ids), read, list, create and delete until `stop_at`."""
     rng = random.Random(seed)
     counter = 0
@@ -114,9 +180,7 @@ def run_worker(
         if roll < 0.25:
             counter += 1
             op = Op(worker, "update", session_id, time.monotonic(), value=counter)
-            session = recorder.call(
-                op, partial(store.update_session, session_id, {worker: counter})
-            )
+            session = yield op, "update_session", (session_id, {worker: counter}), {}
             if session is not None:
                 op.version = session.version
         elif roll < 0.45:
@@ -128,9 +192,11 @@ def run_worker(
                 message_number += 1
                 message_id = f"{worker}-{message_number}"
             op = Op(worker, "append", session_id, time.monotonic(), message_id=message_id)
-            message = recorder.call(
+            message = yield (
                 op,
-                partial(store.add_message, session_id, "user", message_id, message_id=message_id),
+                "add_message",
+                (session_id, "user", message_id),
+                {"message_id": message_id},
             )
             if message is None:
                 unacked.append((session_id, message_id))
@@ -139,43 +205,38 @@ def run_worker(
                 acked.append((session_id, message_id, message.seq))
         elif roll < 0.75:
             op = Op(worker, "get", session_id, time.monotonic())
-            session = recorder.call(op, partial(store.get_session, session_id))
+            session = yield op, "get_session", (session_id,), {}
             if op.ok:
                 op.gone = session is None
                 if session is not None:
                     op.version = session.version
         elif roll < 0.88:
             op = Op(worker, "messages", session_id, time.monotonic())
-            messages = recorder.call(
-                op, partial(store.get_messages, session_id, limit=MESSAGES_LIMIT)
-            )
+            messages = yield op, "get_messages", (session_id,), {"limit": MESSAGES_LIMIT}
             if messages is not None:
                 op.seqs = [message.seq for message in messages]
         elif roll < 0.94:
             op = Op(worker, "list", user_id, time.monotonic())
-            recorder.call(op, lambda: store.list_sessions(user_id, limit=10))
+            yield op, "list_sessions", (user_id,), {"limit": 10}
         else:
-            _create_and_delete(store, worker, recorder)
-        # Not a wait for anything: a think time that spreads the calls over the faults.
-        time.sleep(rng.uniform(0, 0.01))
+            yield from _create_and_delete(worker)
+        yield rng.uniform(0, 0.01)
 
 
-def _create_and_delete(store: SessionStore, worker: str, recorder: Recorder) -> None:
+def _create_and_delete(worker: str) -> Workload:
     """Create a private session, read it, delete it, and read it again (must be gone)."""
     op = Op(worker, "create", "", time.monotonic())
-    created = recorder.call(op, lambda: store.create_session(f"{worker}-private", {"p": 1}))
+    created = yield op, "create_session", (f"{worker}-private", {"p": 1}), {}
     if created is None:
         return
     op.session = created.id
     op.version = created.version
-    recorder.call(
-        Op(worker, "get", created.id, time.monotonic()), lambda: store.get_session(created.id)
-    )
+    yield Op(worker, "get", created.id, time.monotonic()), "get_session", (created.id,), {}
     delete = Op(worker, "delete", created.id, time.monotonic())
-    deleted = recorder.call(delete, lambda: store.delete_session(created.id))
+    deleted = yield delete, "delete_session", (created.id,), {}
     delete.gone = bool(deleted)
     after = Op(worker, "get", created.id, time.monotonic())
-    session = recorder.call(after, lambda: store.get_session(created.id))
+    session = yield after, "get_session", (created.id,), {}
     if after.ok:
         after.gone = session is None
         if session is not None:

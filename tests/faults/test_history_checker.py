@@ -1,7 +1,9 @@
 """The history checker: two or three processes, several threads, faults on a schedule, checks.
 
 The parent process runs workers on one SessionStore, each child process
-(`fault_worker.py`) three more on its own store, all through the proxies to a
+(`fault_worker.py`) three more on its own store (the last child: three
+asyncio tasks on an AsyncSessionStore, its loop in debug mode, where no
+callback may run 20 ms or more), all through the proxies to a
 private redis-server and the embedded PostgreSQL, while the main thread injects
 every kind of fault in turn. Each call is recorded; `fault_history.check` then
 reports lost writes, stale reads, untyped errors and slow calls
@@ -91,7 +93,10 @@ def test_history_has_no_violations_under_faults(
         stop_at = time.monotonic() + duration
         children = []
         for number in range(1, processes):
+            # The last child runs asyncio workers on an AsyncSessionStore (see fault_worker.py).
+            asynchronous = number == processes - 1
             config = {
+                "async": asynchronous,
                 "name": f"child{number}",
                 "dsn": dsn,
                 "table": pg_table,
@@ -139,9 +144,12 @@ def test_history_has_no_violations_under_faults(
         for thread in threads:
             thread.join(timeout=30)
         ops: list[Op] = list(recorder.ops)
+        slow_callbacks: list[str] = []
         for child, out_path in children:
             assert child.wait(timeout=60) == 0
-            ops += [op_from_dict(item) for item in json.loads(out_path.read_text())]
+            out = json.loads(out_path.read_text())
+            ops += [op_from_dict(item) for item in out["ops"]]
+            slow_callbacks += out["slow_callbacks"]
         coverage: Counter[str] = Counter()
         violations = check(
             ops,
@@ -159,7 +167,10 @@ def test_history_has_no_violations_under_faults(
         )
         fault_summary.add_violations(violations)
         assert len({op.worker.split("-")[0] for op in ops}) == processes, "every process ran"
+        assert any("-a" in op.worker for op in ops), "the asyncio workers ran"
         assert violations == []
+        # No call of the asyncio store blocked its loop for 20 ms or more.
+        assert slow_callbacks == []
     finally:
         store.close()
         cache.close()

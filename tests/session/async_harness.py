@@ -223,7 +223,9 @@ class Backends:
     plan: CancelAt = field(default_factory=CancelAt)
     stores: list[AsyncSessionStore] = field(default_factory=list)
 
-    def store(self, *, cached: bool = True, counted: bool = False, **kwargs: Any) -> AsyncSessionStore:
+    def store(
+        self, *, cached: bool = True, counted: bool = False, **kwargs: Any
+    ) -> AsyncSessionStore:
         """A store on the shared table and prefix; `counted`: through the `CancelAt` proxies."""
         docs: Any = CountedDocstore(self.docstore, self.plan) if counted else self.docstore
         cache: Any = None
@@ -248,7 +250,7 @@ class Backends:
         return found
 
     async def busy_backends(self) -> list[str]:
-        """Server connections (other than this check's) mid-statement or mid-transaction on the table."""
+        """Server connections mid-statement or mid-transaction on the table (not this check's)."""
         return await asyncio.to_thread(
             sql_rows,
             self.dsn,
@@ -269,7 +271,9 @@ class Backends:
 
 
 @asynccontextmanager
-async def backends(dsn: str, table: str, fake_server: fakeredis.FakeServer | None) -> AsyncIterator[Backends]:
+async def backends(
+    dsn: str, table: str, fake_server: fakeredis.FakeServer | None
+) -> AsyncIterator[Backends]:
     """Build `Backends` in the running loop: fakeredis on `fake_server`, else real Redis."""
     if fake_server is None:
         servers = real_servers()
@@ -277,7 +281,9 @@ async def backends(dsn: str, table: str, fake_server: fakeredis.FakeServer | Non
         cache: redis.asyncio.Redis = redis.asyncio.Redis.from_url(servers[1])
     else:
         cache = fakeredis.FakeAsyncRedis(server=fake_server)
-    found = Backends(dsn, table, AsyncPostgresDocumentStore(dsn, table=table), cache, unique_key_prefix())
+    found = Backends(
+        dsn, table, AsyncPostgresDocumentStore(dsn, table=table), cache, unique_key_prefix()
+    )
     try:
         yield found
     finally:

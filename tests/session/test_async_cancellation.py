@@ -98,7 +98,9 @@ async def _scenario(env: Backends, user: str, *, warm: bool) -> str:
     return session.id
 
 
-async def _check_after(env: Backends, user: str, sid: str, before: View, name: str, where: str) -> None:
+async def _check_after(
+    env: Backends, user: str, sid: str, before: View, name: str, where: str
+) -> None:
     """What must hold once a cancelled call's clean-up is done (see the module docstring)."""
     assert await env.leases(sid) == [], f"{where}: a fill lease outlived the cancelled call"
     assert await env.busy_backends() == [], f"{where}: a connection was left mid-statement"
@@ -164,7 +166,11 @@ async def _cancel_everywhere(env: Backends, name: str, phase: str) -> int:
         assert k < 50, f"{name}: no end to its await points"
 
 
-def _run(mode: tuple[str, fakeredis.FakeServer | None], table: str, scenario: Callable[[Backends], Awaitable[None]]) -> None:
+def _run(
+    mode: tuple[str, fakeredis.FakeServer | None],
+    table: str,
+    scenario: Callable[[Backends], Awaitable[None]],
+) -> None:
     async def main() -> None:
         async with backends(mode[0], table, mode[1]) as env:
             await scenario(env)

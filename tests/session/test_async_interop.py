@@ -60,11 +60,15 @@ class Acked:
         with self.lock:
             return self.version.get(session_id, 0), self.seq.get(session_id, 0)
 
-    def check(self, session_id: str, floor: tuple[int, int], version: int | None, seq: int, who: str) -> None:
+    def check(
+        self, session_id: str, floor: tuple[int, int], version: int | None, seq: int, who: str
+    ) -> None:
         with self.lock:
             self.reads += 1
             if version is None or version < floor[0]:
-                self.errors.append(f"{who}: session version {version} after version {floor[0]} was acked")
+                self.errors.append(
+                    f"{who}: session version {version} after version {floor[0]} was acked"
+                )
             if seq < floor[1]:
                 self.errors.append(f"{who}: last message seq {seq} after seq {floor[1]} was acked")
 
@@ -128,7 +132,9 @@ def _close_sync(store: _SyncStore) -> None:
     store.client.close()
 
 
-def _async_store(setup: Shared) -> tuple[AsyncSessionStore, AsyncPostgresDocumentStore, redis.asyncio.Redis]:
+def _async_store(
+    setup: Shared,
+) -> tuple[AsyncSessionStore, AsyncPostgresDocumentStore, redis.asyncio.Redis]:
     docs = AsyncPostgresDocumentStore(setup.dsn, table=setup.table)
     cache = setup.async_cache()
     return AsyncSessionStore(docs, cache, key_prefix=setup.key_prefix), docs, cache
@@ -147,7 +153,9 @@ def _sync_writer(setup: Shared, ids: list[str], acked: Acked, worker: int) -> No
         for i in range(WRITES_PER_WORKER):
             session_id = ids[(i + worker) % len(ids)]
             if i % 2:
-                acked.wrote(session_id, version=store.update_session(session_id, {f"w{worker}": i}).version)
+                acked.wrote(
+                    session_id, version=store.update_session(session_id, {f"w{worker}": i}).version
+                )
             else:
                 message = store.add_message(session_id, "user", f"{worker}-{i}")
                 acked.wrote(session_id, seq=message.seq)
@@ -160,7 +168,14 @@ def _sync_writer(setup: Shared, ids: list[str], acked: Acked, worker: int) -> No
         _close_sync(store)
 
 
-async def _async_writer(store: AsyncSessionStore, cache: redis.asyncio.Redis, setup: Shared, ids: list[str], acked: Acked, worker: int) -> None:
+async def _async_writer(
+    store: AsyncSessionStore,
+    cache: redis.asyncio.Redis,
+    setup: Shared,
+    ids: list[str],
+    acked: Acked,
+    worker: int,
+) -> None:
     for i in range(WRITES_PER_WORKER):
         session_id = ids[(i + worker) % len(ids)]
         if i % 2:
@@ -173,7 +188,9 @@ async def _async_writer(store: AsyncSessionStore, cache: redis.asyncio.Redis, se
             await cache.delete(*session_keys(setup.key_prefix, session_id).all())
 
 
-async def _async_reader(store: AsyncSessionStore, ids: list[str], acked: Acked, done: threading.Event, who: str) -> None:
+async def _async_reader(
+    store: AsyncSessionStore, ids: list[str], acked: Acked, done: threading.Event, who: str
+) -> None:
     i = 0
     while not done.is_set():
         session_id = ids[i % len(ids)]
@@ -181,10 +198,18 @@ async def _async_reader(store: AsyncSessionStore, ids: list[str], acked: Acked, 
         floor = acked.floor(session_id)
         session = await store.get_session(session_id)
         messages = await store.get_messages(session_id, limit=2)
-        acked.check(session_id, floor, None if session is None else session.version, messages[-1].seq if messages else 0, who)
+        acked.check(
+            session_id,
+            floor,
+            None if session is None else session.version,
+            messages[-1].seq if messages else 0,
+            who,
+        )
 
 
-def _sync_reader(setup: Shared, ids: list[str], acked: Acked, done: threading.Event, who: str) -> None:
+def _sync_reader(
+    setup: Shared, ids: list[str], acked: Acked, done: threading.Event, who: str
+) -> None:
     store = _sync_store(setup)
     try:
         i = 0
@@ -194,7 +219,13 @@ def _sync_reader(setup: Shared, ids: list[str], acked: Acked, done: threading.Ev
             floor = acked.floor(session_id)
             session = store.get_session(session_id)
             messages = store.get_messages(session_id, limit=2)
-            acked.check(session_id, floor, None if session is None else session.version, messages[-1].seq if messages else 0, who)
+            acked.check(
+                session_id,
+                floor,
+                None if session is None else session.version,
+                messages[-1].seq if messages else 0,
+                who,
+            )
     except Exception as exc:
         acked.errors.append(f"{who}: {exc!r}")
     finally:
@@ -255,7 +286,10 @@ def test_async_writers_sync_readers(shared: Shared) -> None:
         store, docs, cache = _async_store(shared)
         try:
             await asyncio.gather(
-                *(_async_writer(store, cache, shared, ids, acked, worker) for worker in range(WORKERS))
+                *(
+                    _async_writer(store, cache, shared, ids, acked, worker)
+                    for worker in range(WORKERS)
+                )
             )
         finally:
             await _close_async(store, docs, cache)
