@@ -23,9 +23,12 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from session import AsyncSessionStore, SessionStore
+from session import SessionStore
+
+if TYPE_CHECKING:
+    from session import AsyncSessionStore
 
 __all__ = [
     "Op",
