@@ -7,8 +7,9 @@ store settings, the sessions and the deadline; the process runs
 AsyncSessionStore, and writes every recorded call to OUT as JSON (`ops`).
 
 The asyncio process runs its loop in debug mode with a slow-callback
-threshold of 20 ms: every "Executing ... took" warning asyncio logs (a call
-that blocked the loop) is written to OUT too (`slow_callbacks`).
+threshold of 20 ms: every "Executing ... took" warning asyncio logs goes to
+OUT too, under `blocked_loop` when the callback blocked the loop's thread,
+else under `computed` or `preempted` (see `SlowCallbacks`).
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import resource
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -35,16 +38,62 @@ SLOW_CALLBACK = 0.02  # seconds: a callback running longer blocked the loop
 
 
 class SlowCallbacks(logging.Handler):
-    """Collect asyncio's debug-mode warnings about callbacks that ran too long."""
+    """asyncio's debug-mode warnings about callbacks that ran too long, each with what
+    the loop's thread did during that callback.
+
+    A callback that blocked the loop waited in the kernel (a blocking socket call,
+    a sleep, a lock: a voluntary context switch): `blocked`. One that did not
+    either computed that long (`computed`: 20 ms of CPU time or more) or was
+    descheduled by an overloaded machine (`preempted`: involuntary switches,
+    little CPU time); those two are reported, not failures.
+    """
 
     def __init__(self) -> None:
         super().__init__(logging.WARNING)
-        self.found: list[str] = []
+        self.blocked: list[str] = []
+        self.computed: list[str] = []
+        self.preempted: list[str] = []
+        self._last = (0.0, 0, 0)
+
+    def install(self) -> None:
+        """Measure every callback the loop runs (Handle._run: tasks' steps included)."""
+        run = asyncio.events.Handle._run
+        watch = self
+
+        def measured(handle: asyncio.events.Handle) -> None:
+            before = resource.getrusage(resource.RUSAGE_THREAD)
+            cpu = time.thread_time()
+            try:
+                run(handle)
+            finally:
+                after = resource.getrusage(resource.RUSAGE_THREAD)
+                watch._last = (
+                    time.thread_time() - cpu,
+                    after.ru_nvcsw - before.ru_nvcsw,
+                    after.ru_nivcsw - before.ru_nivcsw,
+                )
+
+        asyncio.events.Handle._run = measured  # type: ignore[method-assign]
+        logging.getLogger("asyncio").addHandler(self)
 
     def emit(self, record: logging.LogRecord) -> None:
         message = record.getMessage()
-        if message.startswith("Executing "):
-            self.found.append(message[:500])
+        if not message.startswith("Executing "):
+            return
+        # Logged right after the callback: _last is its measurement.
+        cpu, voluntary, involuntary = self._last
+        what, _, took = message.rpartition(" took ")
+        found = (
+            f"at {time.monotonic():.3f}: {what.split(' created at ')[0][:300]} took {took}"
+            f" (CPU {cpu:.3f} s, {voluntary} voluntary and {involuntary} involuntary"
+            " context switches)"
+        )
+        if voluntary:
+            self.blocked.append(found)
+        elif cpu >= SLOW_CALLBACK:
+            self.computed.append(found)
+        else:
+            self.preempted.append(found)
 
 
 def run_threads(config: dict[str, Any], recorder: Recorder) -> None:
@@ -94,14 +143,24 @@ def async_redis_client(url: str) -> redis.asyncio.Redis:
     return async_redis_client_from_url(url)
 
 
-async def run_tasks(config: dict[str, Any], recorder: Recorder) -> None:
-    loop = asyncio.get_running_loop()
-    loop.slow_callback_duration = SLOW_CALLBACK
+def build_async_store(
+    config: dict[str, Any],
+) -> tuple[AsyncSessionStore, AsyncPostgresDocumentStore, redis.asyncio.Redis]:
+    """Built before the loop runs: constructing the asyncio store needs no event loop."""
     docstore = AsyncPostgresDocumentStore(
         config["dsn"], table=config["table"], **config["docstore"]
     )
     cache = async_redis_client(config["redis_url"])
-    store = AsyncSessionStore(docstore, cache, **config["session"])
+    return AsyncSessionStore(docstore, cache, **config["session"]), docstore, cache
+
+
+async def run_tasks(
+    config: dict[str, Any],
+    recorder: Recorder,
+    built: tuple[AsyncSessionStore, AsyncPostgresDocumentStore, redis.asyncio.Redis],
+) -> None:
+    asyncio.get_running_loop().slow_callback_duration = SLOW_CALLBACK
+    store, docstore, cache = built
     try:
         await asyncio.gather(
             *(
@@ -128,13 +187,18 @@ def main(config_path: str, out_path: str) -> None:
     recorder = Recorder()
     slow = SlowCallbacks()
     if config.get("async"):
-        logging.getLogger("asyncio").addHandler(slow)
-        asyncio.run(run_tasks(config, recorder), debug=True)
+        built = build_async_store(config)
+        slow.install()
+        asyncio.run(run_tasks(config, recorder, built), debug=True)
     else:
         run_threads(config, recorder)
-    Path(out_path).write_text(
-        json.dumps({"ops": [op_to_dict(op) for op in recorder.ops], "slow_callbacks": slow.found})
-    )
+    out = {
+        "ops": [op_to_dict(op) for op in recorder.ops],
+        "blocked_loop": slow.blocked,
+        "computed": slow.computed,
+        "preempted": slow.preempted,
+    }
+    Path(out_path).write_text(json.dumps(out))
 
 
 if __name__ == "__main__":
