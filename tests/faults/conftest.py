@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import redis
+from fault_async import AsyncReader
 from fault_proxy import FaultProxy, socket_path, tcp_dsn
 from fault_redis import RedisProcess, redis_server_path
 from fault_summary import FaultSummary
@@ -136,3 +137,29 @@ def make_session_store(
     yield make
     for client in clients:
         client.close()
+
+
+@pytest.fixture
+def make_async_reader(
+    embedded_dsn: str,
+    pg_proxy: FaultProxy,
+    pg_table: str,
+    redis_proxy: FaultProxy,
+    key_prefix: str,
+) -> Iterator[Callable[[], AsyncReader]]:
+    """asyncio readers through the same proxies as `make_session_store`'s stores."""
+    readers: list[AsyncReader] = []
+
+    def make() -> AsyncReader:
+        reader = AsyncReader(
+            tcp_dsn(embedded_dsn, pg_proxy.port),
+            pg_table,
+            f"redis://127.0.0.1:{redis_proxy.port}/0",
+            key_prefix,
+        )
+        readers.append(reader)
+        return reader
+
+    yield make
+    for reader in readers:
+        reader.close()

@@ -11,8 +11,28 @@ import time
 from pathlib import Path
 
 import redis
+import redis.asyncio
 
-__all__ = ["RedisProcess", "free_port", "redis_server_path"]
+__all__ = ["RedisProcess", "async_redis_client", "free_port", "redis_server_path"]
+
+
+def async_redis_client(url: str) -> redis.asyncio.Redis:
+    """The library's fail-fast asyncio client (the twin of `redis_client_from_url`)."""
+    try:
+        from session.config import async_redis_client_from_url
+    except ImportError:  # the same settings, spelled out
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+
+        from session.config import REDIS_SOCKET_TIMEOUT
+
+        return redis.asyncio.Redis.from_url(
+            url,
+            socket_timeout=REDIS_SOCKET_TIMEOUT,
+            socket_connect_timeout=REDIS_SOCKET_TIMEOUT,
+            retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
+        )
+    return async_redis_client_from_url(url)
 
 
 def free_port() -> int:

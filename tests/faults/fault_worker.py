@@ -29,6 +29,7 @@ import redis.asyncio
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fault_history import Recorder, op_to_dict, run_async_worker, run_worker  # noqa: E402
+from fault_redis import async_redis_client  # noqa: E402
 
 from docstore import AsyncPostgresDocumentStore, PostgresDocumentStore  # noqa: E402
 from session import AsyncSessionStore, SessionStore  # noqa: E402
@@ -122,25 +123,6 @@ def run_threads(config: dict[str, Any], recorder: Recorder) -> None:
     store.close()
     cache.close()
     docstore.close()
-
-
-def async_redis_client(url: str) -> redis.asyncio.Redis:
-    """The library's fail-fast asyncio client (the twin of `redis_client_from_url`)."""
-    try:
-        from session.config import async_redis_client_from_url
-    except ImportError:  # the same settings, spelled out
-        from redis.asyncio.retry import Retry
-        from redis.backoff import NoBackoff
-
-        from session.config import REDIS_SOCKET_TIMEOUT
-
-        return redis.asyncio.Redis.from_url(
-            url,
-            socket_timeout=REDIS_SOCKET_TIMEOUT,
-            socket_connect_timeout=REDIS_SOCKET_TIMEOUT,
-            retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
-        )
-    return async_redis_client_from_url(url)
 
 
 def build_async_store(

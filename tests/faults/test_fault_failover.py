@@ -6,7 +6,8 @@ starts a master and a replica (`REPLICAOF` through a proxy the test can
 partition, so the replica lags on purpose), writes through the store while the
 replica lags, promotes the replica (`REPLICAOF NO ONE`) and moves the clients'
 address to it (the proxy in front of Redis is retargeted, as DNS or a managed
-endpoint does), then checks every reader against PostgreSQL.
+endpoint does), then checks every reader against PostgreSQL: sync stores, and asyncio ones
+(`AsyncReader`) sharing the prefix, long-lived or new after the failover.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import redis
+from fault_async import AsyncReader
 from fault_proxy import FaultProxy
 from fault_redis import RedisProcess
 from fault_summary import FaultSummary
@@ -64,7 +66,7 @@ def cached_version(client: redis.Redis, key_prefix: str, session_id: str) -> int
 
 
 def check_every_reader(
-    readers: list[SessionStore], truth: SessionStore, sessions: list[Session]
+    readers: list[SessionStore | AsyncReader], truth: SessionStore, sessions: list[Session]
 ) -> int:
     """Every reader serves exactly what PostgreSQL holds; return how many reads."""
     reads = 0
@@ -91,6 +93,7 @@ def write_while_lagging(
 def test_failover_to_a_lagging_replica(
     make_session_store: Callable[..., SessionStore],
     make_docstore: Callable[..., PostgresDocumentStore],
+    make_async_reader: Callable[[], AsyncReader],
     redis_process: RedisProcess,
     redis_proxy: FaultProxy,
     key_prefix: str,
@@ -102,10 +105,11 @@ def test_failover_to_a_lagging_replica(
     try:
         with replica_of(replica_process, redis_process) as (replica, link):
             writer, reader = make_session_store(), make_session_store()
+            async_reader = make_async_reader()  # an asyncio service reading the same sessions
             truth = make_session_store(cached=False, docstore=make_docstore(proxied=False))
             sessions = [writer.create_session(data={"n": "before"}) for _ in range(4)]
             writer.add_message(sessions[0].id, "user", "first", message_id="first")
-            check_every_reader([reader, writer], truth, sessions)  # all cached now
+            check_every_reader([reader, writer, async_reader], truth, sessions)  # all cached
             assert master.wait(1, 5000) == 1  # ... and on the replica
             assert cached_version(replica, key_prefix, sessions[1].id) == 1
 
@@ -119,9 +123,12 @@ def test_failover_to_a_lagging_replica(
             replica.replicaof("NO", "ONE")
             redis_proxy.retarget(("127.0.0.1", replica_process.port))
             newcomer = make_session_store()
-            reads = check_every_reader([reader, writer, newcomer], truth, sessions)
+            async_newcomer = make_async_reader()
+            reads = check_every_reader(
+                [reader, writer, newcomer, async_reader, async_newcomer], truth, sessions
+            )
             # And the promoted server caches again, fresh.
-            reads += check_every_reader([reader, newcomer], truth, sessions)
+            reads += check_every_reader([reader, newcomer, async_reader], truth, sessions)
             assert cached_version(replica, key_prefix, sessions[1].id) == written[1].version
             fault_summary.add_operations(reads + 9)
     finally:
@@ -132,6 +139,7 @@ def test_failover_to_a_lagging_replica(
 def test_failover_back_to_a_former_master_that_lags(
     make_session_store: Callable[..., SessionStore],
     make_docstore: Callable[..., PostgresDocumentStore],
+    make_async_reader: Callable[[], AsyncReader],
     redis_process: RedisProcess,
     redis_proxy: FaultProxy,
     key_prefix: str,
@@ -147,18 +155,19 @@ def test_failover_back_to_a_former_master_that_lags(
     second = admin(second_process)
     try:
         writer, reader = make_session_store(), make_session_store()
+        async_reader = make_async_reader()
         truth = make_session_store(cached=False, docstore=make_docstore(proxied=False))
         sessions = [writer.create_session(data={"n": "before"}) for _ in range(4)]
-        check_every_reader([reader, writer], truth, sessions)  # scripts loaded on A
+        check_every_reader([reader, writer, async_reader], truth, sessions)  # scripts on A
         # Fail over to B (in sync), and let the stores use it.
         with replica_of(second_process, redis_process) as (_, link):
             assert first.wait(1, 5000) == 1
         second.replicaof("NO", "ONE")
         redis_proxy.retarget(("127.0.0.1", second_process.port))
-        check_every_reader([reader, writer], truth, sessions)
+        check_every_reader([reader, writer, async_reader], truth, sessions)
         # A comes back as B's replica, alive: its script cache survives the sync.
         with replica_of(redis_process, second_process) as (_, link):
-            check_every_reader([reader, writer], truth, sessions)
+            check_every_reader([reader, writer, async_reader], truth, sessions)
             assert second.wait(1, 5000) == 1
             link.partition()  # A lags from here on
             written, _ = write_while_lagging(writer, sessions, "while A lags")
@@ -167,7 +176,7 @@ def test_failover_back_to_a_former_master_that_lags(
             first.replicaof("NO", "ONE")
             redis_proxy.retarget(("127.0.0.1", redis_process.port))
         newcomer = make_session_store()
-        reads = check_every_reader([reader, writer, newcomer], truth, sessions)
+        reads = check_every_reader([reader, writer, newcomer, async_reader], truth, sessions)
         fault_summary.add_operations(reads + 9)
     finally:
         first.close()
