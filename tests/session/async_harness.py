@@ -222,6 +222,7 @@ class Backends:
     key_prefix: str
     plan: CancelAt = field(default_factory=CancelAt)
     stores: list[AsyncSessionStore] = field(default_factory=list)
+    named: dict[str, AsyncSessionStore] = field(default_factory=dict)
 
     def store(
         self, *, cached: bool = True, counted: bool = False, **kwargs: Any
@@ -234,6 +235,15 @@ class Backends:
         store = AsyncSessionStore(docs, cache, key_prefix=self.key_prefix, **kwargs)
         self.stores.append(store)
         return store
+
+    def shared(self, name: str, **kwargs: Any) -> AsyncSessionStore:
+        """The store `name` of this test, built by `store(**kwargs)` on first use.
+
+        Any store but the one under test reads as "another process" would.
+        """
+        if name not in self.named:
+            self.named[name] = self.store(**kwargs)
+        return self.named[name]
 
     async def leases(self, *session_ids: str) -> list[str]:
         """Names of fill-lease keys of these sessions still in Redis, and any under the prefix."""

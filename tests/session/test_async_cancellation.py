@@ -8,7 +8,7 @@ k-th await point, in each phase (before the request is made, while the server
 has it, after the server answered), until a k past the call's last await
 point lets it complete. After each cancellation, once `aclose()` has finished
 the store's background clean-up:
-- a fresh store sharing the cache reads what PostgreSQL holds (the committed
+- another store sharing the cache reads what PostgreSQL holds (the committed
   state, or the state before the write), twice (fill, then hit): no stale copy;
 - no fill lease of the session is left in Redis;
 - no server connection is mid-statement or mid-transaction on the table, and a
@@ -86,7 +86,7 @@ async def _ids(truth: AsyncSessionStore, user: str, sid: str) -> list[str]:
 
 async def _scenario(env: Backends, user: str, *, warm: bool) -> str:
     """A session of `user` with three messages; its copies cached (`warm`) or not."""
-    setup = env.store()
+    setup = env.shared("setup")
     session = await setup.create_session(user, {"n": 1}, ttl=3600)
     for text in ("one", "two", "three"):
         await setup.add_message(session.id, "user", text)
@@ -104,12 +104,12 @@ async def _check_after(
     """What must hold once a cancelled call's clean-up is done (see the module docstring)."""
     assert await env.leases(sid) == [], f"{where}: a fill lease outlived the cancelled call"
     assert await env.busy_backends() == [], f"{where}: a connection was left mid-statement"
-    truth_store = env.store(cached=False)
+    truth_store = env.shared("truth", cached=False)
     ids = await _ids(truth_store, user, sid)
     truth = await _observe(truth_store, ids)
     for attempt in ("fill", "hit"):
-        seen = await _observe(env.store(), ids)
-        assert seen == truth, f"{where}: a fresh store's {attempt} differs from PostgreSQL"
+        seen = await _observe(env.shared("reader"), ids)
+        assert seen == truth, f"{where}: another store's {attempt} differs from PostgreSQL"
     if name not in ("create_session", "rotate_session_id", "delete_session"):
         old, now = before[sid][0], truth[sid][0]
         assert old is not None and now is not None
@@ -117,12 +117,12 @@ async def _check_after(
     if name in READS:
         assert truth == before, where
     # The docstore's pool and the Redis client go on working, through the same proxies.
-    follow = env.store(counted=True)
+    follow = env.shared("follow", counted=True)
     env.plan.arm(None)
     live = [found for found, (session, _) in truth.items() if session is not None]
     for found in live:
         written = await follow.update_session(found, {"after": where})
-        assert await env.store().get_session(found) == written
+        assert await env.shared("reader").get_session(found) == written
         assert await follow.get_session(found) == written
     if not live:
         with pytest.raises(SessionNotFound):
@@ -138,7 +138,7 @@ async def _cancel_everywhere(env: Backends, name: str, phase: str) -> int:
         where = f"{name} cancelled {phase} await point {k}"
         user = f"user-{name}-{phase}-{k}"
         sid = await _scenario(env, user, warm=name in WRITES)
-        before = await _observe(env.store(cached=False), [sid])
+        before = await _observe(env.shared("truth", cached=False), [sid])
         store = env.store(counted=True)
         env.plan.arm(None)
         await store.get_session("warm-up")  # the store's start-up is not this call's
@@ -212,7 +212,7 @@ def test_first_call_cancelled_while_the_store_starts(
 
     async def scenario(env: Backends) -> None:
         sid = await _scenario(env, "user-start", warm=True)
-        expected = await _observe(env.store(cached=False), [sid])
+        expected = await _observe(env.shared("truth", cached=False), [sid])
         k = 0
         while True:
             k += 1
@@ -258,7 +258,7 @@ def test_write_cancelled_while_it_waits_for_a_row_lock(
     async def scenario(env: Backends) -> None:
         user = f"user-lock-{name}"
         sid = await _scenario(env, user, warm=True)
-        before = await _observe(env.store(cached=False), [sid])
+        before = await _observe(env.shared("truth", cached=False), [sid])
         store = env.store()
         assert await store.get_session(sid) == before[sid][0]  # started, a hit
         holder = await asyncio.to_thread(_lock_row, env.dsn, env.table, sid)

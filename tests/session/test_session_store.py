@@ -98,6 +98,7 @@ class TestRealRedis(SessionStoreContract):
     # The Redis server is shared (other tests, other users): tests marked
     # `flushes_redis_scripts` are deselected here (tests/conftest.py).
     shares_redis_server = True
+
     @pytest.fixture
     def proxy(self, redis_url: str) -> Iterator[TcpProxy]:
         parts = urlsplit(redis_url)
