@@ -298,3 +298,63 @@ async def backends(
         yield found
     finally:
         await found.aclose()
+
+
+class ReplyGate:
+    """A loopback TCP proxy (in the test's event loop) that can hold the server's replies.
+
+    Requests always reach the server; while `hold()` is in force, what the
+    server answers waits in the proxy until `release()`: a command executed,
+    its reply not yet read by the client.
+    """
+
+    def __init__(self, host: str, port: int) -> None:
+        self._target = (host, port)
+        self._open = asyncio.Event()
+        self._open.set()
+        self.held = asyncio.Event()  # set once a reply waits
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.port = 0
+
+    async def start(self) -> ReplyGate:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    def hold(self) -> None:
+        self.held.clear()
+        self._open.clear()
+
+    def release(self) -> None:
+        self._open.set()
+
+    async def aclose(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(*self._target)
+        requests = asyncio.create_task(self._pump(reader, up_writer, replies=False))
+        replies = asyncio.create_task(self._pump(up_reader, writer, replies=True))
+        self._tasks.update((requests, replies))
+        await asyncio.wait((requests, replies), return_when=asyncio.FIRST_COMPLETED)
+        for task in (requests, replies):
+            task.cancel()
+            self._tasks.discard(task)
+        for stream in (writer, up_writer):
+            stream.close()
+
+    async def _pump(
+        self, source: asyncio.StreamReader, sink: asyncio.StreamWriter, *, replies: bool
+    ) -> None:
+        while chunk := await source.read(65536):
+            if replies and not self._open.is_set():
+                self.held.set()
+                await self._open.wait()
+            sink.write(chunk)
+            await sink.drain()

@@ -30,7 +30,8 @@ from typing import Any
 import fakeredis
 import psycopg2
 import pytest
-from async_harness import PHASES, Backends, backends, real_servers, sql_rows
+import redis.asyncio
+from async_harness import PHASES, Backends, ReplyGate, backends, real_servers, sql_rows
 from postgres_tables import drop_tables, unique_table
 
 from session import AsyncSessionStore, Message, Session, SessionNotFound
@@ -305,3 +306,54 @@ def _lock_row(dsn: str, table: str, session_id: str) -> Any:
         )
         assert cur.fetchall() == [(1,)]
     return conn
+
+
+@pytest.mark.parametrize(
+    "name", ["update_session", "delete_session", "add_message", "get_session", "get_messages"]
+)
+def test_cancelled_while_redis_holds_the_reply(
+    mode: tuple[str, fakeredis.FakeServer | None], table: str, name: str
+) -> None:
+    """Redis executed the command (a committed write's cache update, an invalidation, a
+    lookup that took a fill lease), its reply not yet read, when the caller is cancelled.
+
+    The client must not hand that connection out again with the reply unread (the
+    next command would read it); the clean-up must still settle the cache.
+    """
+    if mode[1] is not None:
+        pytest.skip("needs a Redis server on a socket (REDIS_URL): fakeredis answers in-process")
+
+    async def scenario(env: Backends) -> None:
+        address = env.cache.connection_pool.connection_kwargs
+        gate = await ReplyGate(address.get("host", "127.0.0.1"), address.get("port", 6379)).start()
+        client = redis.asyncio.Redis(host="127.0.0.1", port=gate.port, db=address.get("db", 0))
+        try:
+            store = AsyncSessionStore(env.docstore, client, key_prefix=env.key_prefix)
+            user = f"user-gate-{name}"
+            sid = await _scenario(env, user, warm=name in WRITES)
+            before = await _observe(env.shared("truth", cached=False), [sid])
+            await store.get_session("warm-up")  # started
+            gate.hold()
+            task = asyncio.create_task((WRITES.get(name) or READS[name])(store, sid))
+            held = asyncio.create_task(gate.held.wait())
+            await asyncio.wait([task, held], return_when=asyncio.FIRST_COMPLETED)
+            assert held.done(), f"{name} finished without waiting for a Redis reply"
+            task.cancel()
+            await asyncio.wait([task])
+            gate.release()
+            await store.aclose()
+            await _check_after(env, user, sid, before, name, f"{name} cancelled, reply held")
+            # The client behind the gate answers each command with its own reply.
+            for n in range(3):
+                key = f"{env.key_prefix}probe{n}"
+                assert await client.set(key, n) is True
+                assert await client.get(key) == str(n).encode()
+            again = AsyncSessionStore(env.docstore, client, key_prefix=env.key_prefix)
+            ids = await _ids(env.shared("truth", cached=False), user, sid)
+            assert await _observe(again, ids) == await _observe(env.shared("reader"), ids)
+            await again.aclose()
+        finally:
+            await client.aclose()
+            await gate.aclose()
+
+    _run(mode, table, scenario)
