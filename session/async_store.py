@@ -51,6 +51,18 @@ T = TypeVar("T")
 _CLEANUP_GRACE = 5.0
 
 
+# Docstore methods that change nothing: a read in flight is dropped when its caller is
+# cancelled; anything else is finished (see AsyncSessionStore._finish_in_background).
+_READS = frozenset({"read", "query", "count", "list_collections", "ensure_index"})
+
+
+def _may_commit(request: Request) -> bool:
+    """Whether a request may commit a change in PostgreSQL."""
+    if isinstance(request, DocCall):
+        return request.method not in _READS
+    return isinstance(request, InTransaction)
+
+
 class AsyncSessionStore(SessionProtocol):
     """Sessions and their conversations for asyncio: PostgreSQL committed, Redis cached.
 
@@ -144,14 +156,22 @@ class AsyncSessionStore(SessionProtocol):
         try:
             request = next(steps)
             while True:
+                write: asyncio.Task[Any] | None = None
                 try:
                     # A script call (a plain tuple) first: a cache hit's only request.
                     if type(request) is tuple:
                         result = await cache.evalsha(*request)  # type: ignore[union-attr]
+                    elif clean_up and _may_commit(request):
+                        # Not interrupted by a cancellation of the caller: see
+                        # _finish_in_background.
+                        write = asyncio.get_running_loop().create_task(self._perform(request))
+                        result = await asyncio.shield(write)
                     else:
                         result = await self._perform(request)
                 except asyncio.CancelledError:
-                    if clean_up:
+                    if write is not None and not write.cancelled():
+                        self._finish_in_background(steps, write)
+                    elif clean_up:
                         self._abandon(steps)
                     else:
                         steps.close()
@@ -163,6 +183,41 @@ class AsyncSessionStore(SessionProtocol):
         except StopIteration as stop:
             value: T = stop.value
             return value
+
+    def _finish_in_background(self, steps: Steps[Any], write: asyncio.Task[Any]) -> None:
+        """The caller was cancelled with a docstore write in flight: finish the call (the
+        write, then its cache update, or the invalidation its failure asks for) in
+        the background.
+
+        PostgreSQL does not stop a statement because its client went away: a write
+        sent may commit after the caller was cancelled (once a row lock it waits
+        for is free, say). An invalidation at the cancellation would come too
+        early for it: a reader could fill the cache in between, from the state
+        before the write, and that copy would be served stale until cache_ttl.
+        Finished here, the call refreshes the copy after the commit, and the
+        connection goes back to the pool with its answer read.
+        """
+        task = asyncio.get_running_loop().create_task(self._finish_write(steps, write))
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)
+
+    async def _finish_write(self, steps: Steps[Any], write: asyncio.Task[Any]) -> None:
+        try:
+            try:
+                result = await write
+            except Exception as exc:
+                request = steps.throw(exc)
+            else:
+                request = steps.send(result)
+        except StopIteration:
+            return
+        except Exception:  # the call's own error: its caller is gone
+            logger.debug("a cancelled session call failed", exc_info=True)
+            return
+        except asyncio.CancelledError:  # aclose() gave up waiting for the write
+            steps.close()
+            raise
+        await self._finish_abandoned(steps, request, quiet=True)
 
     def _abandon(self, steps: Steps[Any]) -> None:
         """Tell the steps their caller is gone; finish their clean-up in the background."""
@@ -180,7 +235,9 @@ class AsyncSessionStore(SessionProtocol):
         self._cleanups.add(task)
         task.add_done_callback(self._cleanups.discard)
 
-    async def _finish_abandoned(self, steps: Steps[Any], request: Request) -> None:
+    async def _finish_abandoned(
+        self, steps: Steps[Any], request: Request, *, quiet: bool = False
+    ) -> None:
         try:
             while True:
                 try:
@@ -198,7 +255,10 @@ class AsyncSessionStore(SessionProtocol):
             steps.close()
             raise
         except Exception:
-            logger.exception("cleaning up after a cancelled session call failed")
+            if quiet:  # the call's own error (a finished write): its caller is gone
+                logger.debug("a cancelled session call failed", exc_info=True)
+            else:
+                logger.exception("cleaning up after a cancelled session call failed")
 
     async def _perform(self, request: Request) -> Any:
         if isinstance(request, DocCall):
