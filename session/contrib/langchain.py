@@ -16,32 +16,44 @@ one whose `user_id` is `"langchain:<session_id>"`, created on the first write
 (see `session.contrib._conversations`). Each message is one stored message:
 `content` is LangChain's own dict of it (`message_to_dict`) as JSON, `role`
 its type (`human`, `ai`, `system`, `tool`, ...), so every message type, tool
-call and additional kwarg comes back as it went in. `store` defaults to one
-process-wide `get_session_store()`.
+call and additional kwarg comes back as it went in.
 
-The async methods run the synchronous store in a worker thread
-(`asyncio.to_thread`): the event loop never blocks on PostgreSQL or Redis.
+`store` is a `SessionStore` or an `AsyncSessionStore`; `store=None` uses one
+process-wide `get_session_store()` (built on first use, closed when the
+interpreter exits). The default stays synchronous because LangChain calls
+both sides: `invoke` reads `messages` and calls `add_messages`, `ainvoke`
+the `a*` methods, and a history must serve whichever the application uses.
+- With a `SessionStore`, every method works; the async ones run the store in
+  one worker thread per call (`asyncio.to_thread`), so the event loop never
+  blocks on PostgreSQL or Redis.
+- With an `AsyncSessionStore`, the async methods are awaited on the event
+  loop (no thread). The sync ones (`messages`, `add_messages`, `clear`, so
+  also `invoke`) raise TypeError naming the async methods to use: an asyncio
+  store belongs to its event loop, and blocking on it from sync code would
+  deadlock inside that loop. This is how LangChain's own async-only
+  histories behave; use `ainvoke`/`astream`, or pass a `SessionStore`.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Sequence
+from typing import TypeVar
 
 from langchain_core.chat_history import BaseChatMessageHistory
 from langchain_core.messages import BaseMessage, message_to_dict, messages_from_dict
 
 from ..errors import InvalidSessionData
-from ..store import SessionStore
 from ._conversations import (
+    AnyStore,
     Conversation,
-    call_store,
+    Steps,
+    call,
     check_key,
+    check_store,
     decode_item,
     default_store,
     encode_item,
-    is_async_store,
 )
 
 __all__ = ["SessionChatMessageHistory", "NAMESPACE"]
@@ -51,53 +63,55 @@ logger = logging.getLogger(__name__)
 # The `user_id` prefix that marks this adapter's sessions.
 NAMESPACE = "langchain"
 
+T = TypeVar("T")
+
 
 class SessionChatMessageHistory(BaseChatMessageHistory):
     """LangChain's `BaseChatMessageHistory` over a `SessionStore` (see the module docstring)."""
 
-    def __init__(self, session_id: str, store: SessionStore | None = None) -> None:
+    def __init__(self, session_id: str, store: AnyStore | None = None) -> None:
         self.session_id = check_key(session_id, "session_id")
-        if store is not None and is_async_store(store):
-            raise TypeError("pass a SessionStore (the asyncio store is not supported yet)")
         self._conversation = Conversation(
-            store if store is not None else default_store(), NAMESPACE, self.session_id
+            check_store(store) if store is not None else default_store(),
+            NAMESPACE,
+            self.session_id,
         )
 
     @property
-    def store(self) -> SessionStore:
+    def store(self) -> AnyStore:
         """Return the store holding this conversation."""
         return self._conversation.store
 
     @property
     def messages(self) -> list[BaseMessage]:  # type: ignore[override]
         """Return every message, oldest first."""
-        return self._conversation.read(self._read, [])
+        return self._run(self._conversation.read(self._read, []))
 
     def add_messages(self, messages: Sequence[BaseMessage]) -> None:
         """Append messages in order; one that cannot be stored refuses the whole batch."""
         texts = self._encode(messages)
         if texts:
-            self._conversation.write(functools.partial(self._append, texts))
+            self._run(self._conversation.write(lambda sid: self._append(texts, sid)))
 
     def clear(self) -> None:
         """Remove every message; the conversation key stays usable."""
-        self._conversation.read(self.store.clear_messages, 0)
+        self._run(self._clear())
 
     async def aget_messages(self) -> list[BaseMessage]:
         """Return every message, oldest first, without blocking the event loop."""
-        return await call_store(lambda: self.messages)
+        return await self._conversation.arun(self._conversation.read(self._read, []))
 
     async def aadd_messages(self, messages: Sequence[BaseMessage]) -> None:
         """Append messages without blocking the event loop."""
         texts = self._encode(messages)
         if texts:
-            await call_store(
-                lambda: self._conversation.write(functools.partial(self._append, texts))
+            await self._conversation.arun(
+                self._conversation.write(lambda sid: self._append(texts, sid))
             )
 
     async def aclear(self) -> None:
         """Remove every message without blocking the event loop."""
-        await call_store(self.clear)
+        await self._conversation.arun(self._clear())
 
     # -- helpers --------------------------------------------------------------------
 
@@ -113,16 +127,30 @@ class SessionChatMessageHistory(BaseChatMessageHistory):
             encoded.append((message.type, encode_item(message_to_dict(message), index)))
         return encoded
 
-    def _append(self, texts: list[tuple[str, str]], session_id: str) -> None:
+    def _run(self, steps: Steps[T]) -> T:
+        if self._conversation.is_async:
+            steps.close()
+            raise TypeError(
+                "this history's store is an AsyncSessionStore: use aget_messages, "
+                "aadd_messages and aclear (ainvoke, astream), or pass a SessionStore"
+            )
+        return self._conversation.run(steps)
+
+    def _clear(self) -> Steps[int]:
+        return (yield from self._conversation.read(lambda sid: call("clear_messages", sid), 0))
+
+    @staticmethod
+    def _append(texts: list[tuple[str, str]], session_id: str) -> Steps[None]:
         # On a retry (the session expired meanwhile) only what is left goes to the new one.
         while texts:
             role, text = texts[0]
-            self.store.add_message(session_id, role, text)
+            yield from call("add_message", session_id, role, text)
             texts.pop(0)
 
-    def _read(self, session_id: str) -> list[BaseMessage]:
+    @staticmethod
+    def _read(session_id: str) -> Steps[list[BaseMessage]]:
         found = []
-        for stored in self.store.get_messages(session_id):
+        for stored in (yield from call("get_messages", session_id)):
             data = decode_item(stored.content)
             try:
                 if data is None:

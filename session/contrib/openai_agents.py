@@ -15,31 +15,37 @@ string); its session in the store is the one whose `user_id` is
 `"openai-agents:<session_id>"`, created on the first `add_items` (see
 `session.contrib._conversations`). Each item is one message: `content` is
 the item's JSON text, `role` its `role` (or its `type`), so an item comes back
-exactly as `json.loads(json.dumps(item))`. `store` defaults to one
-process-wide `get_session_store()`.
+exactly as `json.loads(json.dumps(item))`.
 
-Every call runs the synchronous store in a worker thread (`asyncio.to_thread`):
-the event loop never blocks on PostgreSQL or Redis.
+`store` is an `AsyncSessionStore` or a `SessionStore`. With an
+`AsyncSessionStore` every call is awaited on the event loop, no thread
+involved; with a `SessionStore` each call runs in one worker thread
+(`asyncio.to_thread`). Either way the loop never blocks on PostgreSQL or
+Redis. `store=None` uses one process-wide `get_async_session_store()`,
+built when the first such session is constructed and closed (best effort)
+when the interpreter exits; its connections belong to the event loop of its
+first call, so an application that runs several event loops one after
+another (`asyncio.run` per job) passes a store of its own per loop.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 from typing import TYPE_CHECKING, Any, cast
 
 from agents.memory import SessionSettings
 from agents.memory.session_settings import resolve_session_limit
 
-from ..store import SessionStore
 from ._conversations import (
+    AnyStore,
     Conversation,
-    call_store,
+    Steps,
+    call,
     check_key,
+    check_store,
     decode_item,
-    default_store,
+    default_async_store,
     encode_item,
-    is_async_store,
 )
 
 if TYPE_CHECKING:
@@ -63,7 +69,7 @@ class OpenAIAgentsSession:
     def __init__(
         self,
         session_id: str,
-        store: SessionStore | None = None,
+        store: AnyStore | None = None,
         *,
         session_settings: SessionSettings | None = None,
     ) -> None:
@@ -71,42 +77,42 @@ class OpenAIAgentsSession:
         self.session_settings = (
             session_settings if session_settings is not None else (SessionSettings())
         )
-        if store is not None and is_async_store(store):
-            raise TypeError("pass a SessionStore (the asyncio store is not supported yet)")
         self._conversation = Conversation(
-            store if store is not None else default_store(), NAMESPACE, self.session_id
+            check_store(store) if store is not None else default_async_store(),
+            NAMESPACE,
+            self.session_id,
         )
 
     @property
-    def store(self) -> SessionStore:
+    def store(self) -> AnyStore:
         """Return the store holding this conversation."""
         return self._conversation.store
 
     async def get_items(self, limit: int | None = None) -> list[TResponseInputItem]:
         """Return the conversation's items, oldest first; `limit=N` gives the newest N."""
         session_limit = resolve_session_limit(limit, self.session_settings)
-        return await call_store(functools.partial(self._get_items, session_limit))
+        return await self._conversation.arun(self._get_items(session_limit))
 
     async def add_items(self, items: list[TResponseInputItem]) -> None:
         """Append items in order; an item that is not a JSON object refuses the whole batch."""
         texts = [encode_item(item, index) for index, item in enumerate(items)]
         if texts:
-            await call_store(functools.partial(self._add_items, texts))
+            await self._conversation.arun(self._add_items(texts))
 
     async def pop_item(self) -> TResponseInputItem | None:
         """Remove and return the newest item; None when the conversation is empty."""
-        return await call_store(self._pop_item)
+        return await self._conversation.arun(self._pop_item())
 
     async def clear_session(self) -> None:
         """Remove every item; the conversation key stays usable."""
-        await call_store(self._clear)
+        await self._conversation.arun(self._clear())
 
-    # -- in a worker thread -------------------------------------------------------
+    # -- steps (see _conversations) -------------------------------------------------------
 
-    def _get_items(self, limit: int | None) -> list[TResponseInputItem]:
-        def read(session_id: str) -> list[TResponseInputItem]:
+    def _get_items(self, limit: int | None) -> Steps[list[TResponseInputItem]]:
+        def read(session_id: str) -> Steps[list[TResponseInputItem]]:
             if limit is None or limit < 0:
-                messages = self.store.get_messages(session_id)
+                messages = yield from call("get_messages", session_id)
                 return self._decode(message.content for message in messages)
             if limit == 0:
                 return []
@@ -116,7 +122,7 @@ class OpenAIAgentsSession:
             before: int | None = None
             want = limit
             while len(items) < limit:
-                page = self.store.get_messages(session_id, limit=want, before_seq=before)
+                page = yield from call("get_messages", session_id, limit=want, before_seq=before)
                 items[:0] = self._decode(message.content for message in page)
                 if len(page) < want:
                     break
@@ -124,24 +130,25 @@ class OpenAIAgentsSession:
                 want = _PAGE
             return items[-limit:]
 
-        return self._conversation.read(read, [])
+        empty: list[TResponseInputItem] = []
+        return (yield from self._conversation.read(read, empty))
 
-    def _add_items(self, texts: list[str]) -> None:
+    def _add_items(self, texts: list[str]) -> Steps[None]:
         remaining = list(texts)
 
-        def append(session_id: str) -> None:
+        def append(session_id: str) -> Steps[None]:
             while remaining:
                 text = remaining[0]
                 item = cast(dict[str, Any], decode_item(text))
-                self.store.add_message(session_id, _role_of(item), text)
+                yield from call("add_message", session_id, _role_of(item), text)
                 remaining.pop(0)
 
-        self._conversation.write(append)
+        yield from self._conversation.write(append)
 
-    def _pop_item(self) -> TResponseInputItem | None:
-        def pop(session_id: str) -> TResponseInputItem | None:
+    def _pop_item(self) -> Steps[TResponseInputItem | None]:
+        def pop(session_id: str) -> Steps[TResponseInputItem | None]:
             while True:
-                message = self.store.pop_message(session_id)
+                message = yield from call("pop_message", session_id)
                 if message is None:
                     return None
                 item = decode_item(message.content)
@@ -150,10 +157,10 @@ class OpenAIAgentsSession:
                 # Not an item of ours: dropped, as the SDK's own sessions drop corrupt rows.
                 logger.warning("dropped a message that holds no Agents SDK item")
 
-        return self._conversation.read(pop, None)
+        return (yield from self._conversation.read(pop, None))
 
-    def _clear(self) -> None:
-        self._conversation.read(self.store.clear_messages, 0)
+    def _clear(self) -> Steps[int]:
+        return (yield from self._conversation.read(lambda sid: call("clear_messages", sid), 0))
 
     @staticmethod
     def _decode(texts: Any) -> list[TResponseInputItem]:
