@@ -4,6 +4,8 @@ A prompt with the history placeholder feeds a fake chat model from
 langchain_core; a step in between records what the model was given, so each
 turn can check that it saw the whole conversation. Then the process
 "restarts" (a new store, an empty cache) and the conversation goes on.
+Every backend test runs on a `SessionStore` (sync and async methods) and on
+an `AsyncSessionStore` (the async methods; the sync ones refuse).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from langchain_core.prompts import ChatPromptTemplate, MessagesPlaceholder
 from langchain_core.runnables import RunnableLambda
 from langchain_core.runnables.history import RunnableWithMessageHistory
 
-from session import InvalidSessionData, SessionStore
+from session import AsyncSessionStore, InvalidSessionData, SessionStore
 from session.contrib import _conversations
 from session.contrib.langchain import NAMESPACE, SessionChatMessageHistory
 
@@ -70,19 +72,39 @@ MESSAGES: list[BaseMessage] = [
 ]
 
 
+@pytest.fixture
+def backend(any_backend: Backend) -> Backend:
+    """This adapter takes both stores: every backend test runs on each."""
+    return any_backend
+
+
+def read(backend: Backend, history: SessionChatMessageHistory) -> list[BaseMessage]:
+    """The history's messages: `messages` on a sync store, `aget_messages` on an async one."""
+    if backend.is_async:
+        return backend.run(history.aget_messages())
+    return history.messages
+
+
+def add(backend: Backend, history: SessionChatMessageHistory, messages: list[Any]) -> None:
+    if backend.is_async:
+        backend.run(history.aadd_messages(messages))
+    else:
+        history.add_messages(messages)
+
+
 def test_every_message_type_round_trips(backend: Backend) -> None:
     history = SessionChatMessageHistory("types", backend.store())
     assert isinstance(history, BaseChatMessageHistory)
-    history.add_messages(MESSAGES[:4])
-    history.add_messages(MESSAGES[4:])
-    for found in (history.messages, asyncio.run(history.aget_messages())):
+    add(backend, history, MESSAGES[:4])
+    add(backend, history, MESSAGES[4:])
+    for found in (read(backend, history), backend.run(history.aget_messages())):
         assert found == MESSAGES
         assert [message_to_dict(m) for m in found] == json.loads(
             json.dumps([message_to_dict(m) for m in MESSAGES])
         )
         assert [type(m) for m in found] == [type(m) for m in MESSAGES]
     restarted = SessionChatMessageHistory("types", backend.restart())
-    assert restarted.messages == MESSAGES
+    assert read(backend, restarted) == MESSAGES
 
 
 class Recorder:
@@ -96,7 +118,9 @@ class Recorder:
         return prompt
 
 
-def chain_for(store: SessionStore, recorder: Recorder, replies: list[BaseMessage]) -> Any:
+def chain_for(
+    store: SessionStore | AsyncSessionStore, recorder: Recorder, replies: list[BaseMessage]
+) -> Any:
     prompt = ChatPromptTemplate.from_messages(
         [("system", "Be brief."), MessagesPlaceholder("history"), ("human", "{question}")]
     )
@@ -119,12 +143,14 @@ def reply(number: int) -> AIMessage:
     return AIMessage(content=f"reply {number}", additional_kwargs={"turn": number})
 
 
-def converse(chain: Any, recorder: Recorder, first: int, last: int, *, use_async: bool) -> None:
+def converse(
+    backend: Backend, chain: Any, recorder: Recorder, first: int, last: int, *, use_async: bool
+) -> None:
     config = {"configurable": {"session_id": "chat-1"}}
     for number in range(first, last + 1):
         question = {"question": f"turn {number}"}
-        if use_async:
-            answer = asyncio.run(chain.ainvoke(question, config=config))
+        if use_async or backend.is_async:  # an asyncio store serves `ainvoke` only
+            answer = backend.run(chain.ainvoke(question, config=config))
         else:
             answer = chain.invoke(question, config=config)
         assert answer.content == f"reply {number}"
@@ -149,33 +175,75 @@ def strip_ids(message: BaseMessage) -> BaseMessage:
 def test_runnable_with_history_across_a_restart(backend: Backend) -> None:
     recorder = Recorder()
     chain = chain_for(backend.store(), recorder, [reply(n) for n in range(1, 4)])
-    converse(chain, recorder, 1, 3, use_async=False)
+    converse(backend, chain, recorder, 1, 3, use_async=False)
     restarted = backend.restart()  # a new process: nothing cached
     chain = chain_for(restarted, recorder, [reply(n) for n in range(4, 7)])
-    converse(chain, recorder, 4, 5, use_async=True)
-    converse(chain, recorder, 6, 6, use_async=False)
+    converse(backend, chain, recorder, 4, 5, use_async=True)
+    converse(backend, chain, recorder, 6, 6, use_async=False)
     assert restarted.stats()["message_hits"] >= 1
-    stored = SessionChatMessageHistory("chat-1", restarted).messages
+    stored = read(backend, SessionChatMessageHistory("chat-1", restarted))
     assert len(stored) == 12
     assert stored[1].tool_calls == reply(1).tool_calls  # type: ignore[attr-defined]
 
 
 def test_clear_and_the_async_methods(backend: Backend) -> None:
-    store = backend.store()
-    history = SessionChatMessageHistory("clear", store)
-    history.clear()  # a key never seen: nothing to clear, nothing created
-    assert history.messages == []
-    assert store.list_sessions(f"{NAMESPACE}:clear") == []
+    history = SessionChatMessageHistory("clear", backend.store())
+    inspect = backend.sync_store()  # the test's own view of the same data
+    backend.run(history.aclear())  # a key never seen: nothing to clear, nothing created
+    assert read(backend, history) == []
+    assert inspect.list_sessions(f"{NAMESPACE}:clear") == []
 
     async def scenario() -> None:
         await history.aadd_messages([HumanMessage(content="a"), AIMessage(content="b")])
         assert await history.aget_messages() == [HumanMessage(content="a"), AIMessage(content="b")]
         await history.aclear()
         assert await history.aget_messages() == []
+        await history.aadd_messages([HumanMessage(content="again")])
 
-    asyncio.run(scenario())
-    history.add_user_message("again")
-    assert SessionChatMessageHistory("clear", store).messages == [HumanMessage(content="again")]
+    backend.run(scenario())
+    again = SessionChatMessageHistory("clear", backend.store())
+    assert read(backend, again) == [HumanMessage(content="again")]
+    if not backend.is_async:
+        history.clear()
+        assert history.messages == []
+        history.add_user_message("sync")
+        assert SessionChatMessageHistory("clear", inspect).messages == [HumanMessage("sync")]
+
+
+def test_an_async_store_refuses_the_sync_methods(backend: Backend) -> None:
+    """With an AsyncSessionStore the sync methods say what to use; nothing is written."""
+    if not backend.is_async:
+        history = SessionChatMessageHistory("sync-ok", backend.store())
+        history.add_messages([HumanMessage(content="a")])  # a SessionStore serves both
+        assert history.messages == backend.run(history.aget_messages())
+        return
+    history = SessionChatMessageHistory("refuse", backend.store())
+    for use in (
+        lambda: history.messages,
+        lambda: history.add_messages([HumanMessage(content="x")]),
+        lambda: history.add_user_message("x"),
+        history.clear,
+    ):
+        with pytest.raises(TypeError, match="aget_messages"):
+            use()
+    assert backend.sync_store().list_sessions(f"{NAMESPACE}:refuse") == []
+    assert backend.run(history.aget_messages()) == []
+
+
+def test_the_default_store_is_the_process_wide_sync_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("POSTGRES_CONNECTION_STRING", "memory://")
+    monkeypatch.delenv("REDIS_URL", raising=False)  # an in-process cache, never the shared one
+    _conversations.default_store.cache_clear()
+    try:
+        history = SessionChatMessageHistory("default")
+        assert isinstance(history.store, SessionStore)
+        assert history.store is _conversations.default_store()
+        history.add_messages([HumanMessage(content="hi")])
+        again = SessionChatMessageHistory("default")
+        assert asyncio.run(again.aget_messages()) == [HumanMessage(content="hi")]
+    finally:
+        _conversations.default_store().close()
+        _conversations.default_store.cache_clear()
 
 
 @pytest.mark.parametrize(
@@ -190,23 +258,23 @@ def test_clear_and_the_async_methods(backend: Backend) -> None:
 )
 def test_bad_messages_write_nothing(backend: Backend, bad: Any) -> None:
     history = SessionChatMessageHistory("bad", backend.store())
-    history.add_messages([HumanMessage(content="kept")])
+    add(backend, history, [HumanMessage(content="kept")])
     with pytest.raises(InvalidSessionData):
-        history.add_messages([HumanMessage(content="good"), bad, HumanMessage(content="after")])
+        add(backend, history, [HumanMessage(content="good"), bad, HumanMessage(content="after")])
     with pytest.raises(InvalidSessionData):
-        asyncio.run(history.aadd_messages([HumanMessage(content="good"), bad]))
-    assert history.messages == [HumanMessage(content="kept")]
+        backend.run(history.aadd_messages([HumanMessage(content="good"), bad]))
+    assert read(backend, history) == [HumanMessage(content="kept")]
 
 
 def test_stored_messages_that_are_not_langchain_messages_are_skipped(backend: Backend) -> None:
-    store = backend.store()
-    history = SessionChatMessageHistory("foreign", store)
-    history.add_messages([HumanMessage(content="one")])
+    history = SessionChatMessageHistory("foreign", backend.store())
+    store = backend.sync_store()  # writes what the adapter did not
+    add(backend, history, [HumanMessage(content="one")])
     [found] = store.list_sessions(f"{NAMESPACE}:foreign")
     for junk in ("not json", "[1]", '{"type": "nonsense", "data": {}}', '{"no": "type"}'):
         store.add_message(found.id, "note", junk)
-    history.add_messages([AIMessage(content="two")])
-    assert history.messages == [HumanMessage(content="one"), AIMessage(content="two")]
+    add(backend, history, [AIMessage(content="two")])
+    assert read(backend, history) == [HumanMessage(content="one"), AIMessage(content="two")]
 
 
 def test_bad_keys() -> None:

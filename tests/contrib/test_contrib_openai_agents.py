@@ -3,7 +3,8 @@
 A fake `Model` (no network) answers each call from a script and records the
 input the SDK built for it, so each turn can check that the model saw the
 whole conversation. Then the process "restarts" (a new store, an empty
-cache) and the conversation goes on.
+cache) and the conversation goes on. Every backend test runs on a
+`SessionStore` and on an `AsyncSessionStore` (`any_backend`).
 """
 
 from __future__ import annotations
@@ -29,11 +30,17 @@ from openai.types.responses import (
 )
 from openai.types.responses.response_reasoning_item import Summary
 
-from session import InvalidSessionData, SessionStore
+from session import AsyncSessionStore, InvalidSessionData
 from session.contrib import _conversations
 from session.contrib.openai_agents import NAMESPACE, OpenAIAgentsSession
 
 RUN_CONFIG = RunConfig(tracing_disabled=True)
+
+
+@pytest.fixture
+def backend(any_backend: Backend) -> Backend:
+    """This adapter takes both stores: every backend test runs on each."""
+    return any_backend
 
 
 def message(text: str, *, parts: int = 1, ident: str = "msg") -> ResponseOutputMessage:
@@ -151,17 +158,17 @@ def test_runner_sees_the_whole_history_across_a_restart(backend: Backend) -> Non
     store = backend.store()
     session = OpenAIAgentsSession("chat-1", store)
     assert isinstance(session, Session)  # the SDK's runtime-checkable protocol
-    asyncio.run(converse(session, 1, 3))
-    history = asyncio.run(session.get_items())
+    backend.run(converse(session, 1, 3))
+    history = backend.run(session.get_items())
     assert len(history) == 5 + 2 + 5
 
     restarted = backend.restart()  # a new process: nothing cached
     again = OpenAIAgentsSession("chat-1", restarted)
-    assert asyncio.run(again.get_items()) == history
-    asyncio.run(converse(again, 4, 5))
+    assert backend.run(again.get_items()) == history
+    backend.run(converse(again, 4, 5))
     assert restarted.stats()["message_hits"] >= 1
     # Another conversation key is another conversation.
-    assert asyncio.run(OpenAIAgentsSession("chat-2", restarted).get_items()) == []
+    assert backend.run(OpenAIAgentsSession("chat-2", restarted).get_items()) == []
 
 
 ITEMS: list[dict[str, Any]] = [
@@ -224,11 +231,11 @@ ITEMS: list[dict[str, Any]] = [
 
 def test_every_item_round_trips_exactly(backend: Backend) -> None:
     session = OpenAIAgentsSession("round-trip", backend.store())
+    expected = json.loads(json.dumps(ITEMS))
 
     async def scenario() -> None:
         await session.add_items(ITEMS[:3])
         await session.add_items(ITEMS[3:])
-        expected = json.loads(json.dumps(ITEMS))
         assert await session.get_items() == expected
         for limit in (1, 3, len(ITEMS), 100):
             assert await session.get_items(limit) == expected[-limit:]
@@ -236,15 +243,15 @@ def test_every_item_round_trips_exactly(backend: Backend) -> None:
         # What comes back is exactly the JSON (big ints stay ints, 2.0 stays a float).
         custom = (await session.get_items(1))[0]
         assert json.dumps(custom) == json.dumps(ITEMS[-1])
-        fresh = OpenAIAgentsSession("round-trip", backend.restart())
-        assert await fresh.get_items() == expected
 
-    asyncio.run(scenario())
+    backend.run(scenario())
+    fresh = OpenAIAgentsSession("round-trip", backend.restart())  # a new process
+    assert backend.run(fresh.get_items()) == expected
 
 
 def test_pop_and_clear(backend: Backend) -> None:
-    store = backend.store()
-    session = OpenAIAgentsSession("pop", store)
+    session = OpenAIAgentsSession("pop", backend.store())
+    store = backend.sync_store()  # the test's own view of the same data
 
     async def scenario() -> None:
         assert await session.pop_item() is None  # a key never seen: nothing, nothing created
@@ -263,7 +270,7 @@ def test_pop_and_clear(backend: Backend) -> None:
         other = OpenAIAgentsSession("pop", store)  # another object, same conversation
         assert await other.get_items() == [user("five")]
 
-    asyncio.run(scenario())
+    backend.run(scenario())
 
 
 def test_concurrent_pops_return_distinct_items(backend: Backend) -> None:
@@ -283,7 +290,7 @@ def test_concurrent_pops_return_distinct_items(backend: Backend) -> None:
         results = await asyncio.gather(*(drain(session) for session in poppers))
         return [item for batch in results for item in batch]
 
-    popped = asyncio.run(scenario())
+    popped = backend.run(scenario())
     assert sorted(int(item["content"]) for item in popped) == list(range(20))
 
 
@@ -297,7 +304,7 @@ def test_session_settings_limit(backend: Backend) -> None:
         assert await session.get_items() == [user("3"), user("4")]
         assert await session.get_items(limit=4) == [user(str(n)) for n in range(1, 5)]
 
-    asyncio.run(scenario())
+    backend.run(scenario())
 
 
 @pytest.mark.parametrize(
@@ -321,12 +328,12 @@ def test_bad_items_write_nothing(backend: Backend, bad: list[Any]) -> None:
             await session.add_items([user("good"), *bad, user("after")])
         assert await session.get_items() == [user("kept")]
 
-    asyncio.run(scenario())
+    backend.run(scenario())
 
 
 def test_messages_that_hold_no_item_are_skipped(backend: Backend) -> None:
-    store = backend.store()
-    session = OpenAIAgentsSession("foreign", store)
+    session = OpenAIAgentsSession("foreign", backend.store())
+    store = backend.sync_store()  # writes what the adapter did not
 
     async def scenario() -> None:
         await session.add_items([user("one")])
@@ -340,7 +347,7 @@ def test_messages_that_hold_no_item_are_skipped(backend: Backend) -> None:
         assert await session.pop_item() == user("two")  # the junk after it is dropped
         assert await session.get_items() == [user("one")]
 
-    asyncio.run(scenario())
+    backend.run(scenario())
 
 
 def test_bad_keys_and_stores() -> None:
@@ -350,7 +357,7 @@ def test_bad_keys_and_stores() -> None:
 
 
 def test_an_expired_conversation_starts_again(backend: Backend) -> None:
-    store = SessionStore(backend.documents, None, session_ttl=0.5)
+    store = backend.store(cached=False, session_ttl=0.5)
     session = OpenAIAgentsSession("short", store)
 
     async def scenario() -> None:
@@ -362,42 +369,68 @@ def test_an_expired_conversation_starts_again(backend: Backend) -> None:
         await session.add_items([user("new")])  # a new session for the same key
         assert await session.get_items() == [user("new")]
 
-    asyncio.run(scenario())
+    backend.run(scenario())
 
 
 def test_calls_do_not_block_the_event_loop(backend: Backend) -> None:
-    """A store call runs in a worker thread: the loop keeps serving other tasks."""
+    """While a store call waits, the loop keeps serving other tasks (a thread, or awaited)."""
     store = backend.store()
     session = OpenAIAgentsSession("loop", store)
     entered, release = threading.Event(), threading.Event()
-    original = store.get_messages
+    original: Any = store.get_messages
 
     def slow_get_messages(*args: Any, **kwargs: Any) -> Any:
         entered.set()
         assert release.wait(10)
         return original(*args, **kwargs)
 
+    async def slow_aget_messages(*args: Any, **kwargs: Any) -> Any:
+        entered.set()
+        while not release.is_set():
+            await asyncio.sleep(0.001)
+        return await original(*args, **kwargs)
+
     async def scenario() -> None:
         await session.add_items([user("x")])
-        store.get_messages = slow_get_messages  # type: ignore[method-assign]
+        slow = slow_aget_messages if backend.is_async else slow_get_messages
+        store.get_messages = slow  # type: ignore[method-assign]
         reading = asyncio.create_task(session.get_items())
         while not entered.is_set():
             await asyncio.sleep(0.001)  # the loop runs while the store call waits
         release.set()
         assert await reading == [user("x")]
 
-    asyncio.run(scenario())
+    backend.run(scenario())
 
 
-def test_default_store_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_async_store_is_awaited_without_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default store is the asyncio one, shared, and no call leaves the event loop."""
     monkeypatch.setenv("POSTGRES_CONNECTION_STRING", "memory://")
     monkeypatch.delenv("REDIS_URL", raising=False)  # an in-process cache, never the shared one
-    _conversations.default_store.cache_clear()
-    try:
+    _conversations.default_async_store.cache_clear()
+
+    def no_thread(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("a store call went to a worker thread")
+
+    monkeypatch.setattr(asyncio, "to_thread", no_thread)
+    threads_before = threading.active_count()
+
+    async def scenario() -> None:
         session = OpenAIAgentsSession("default")
-        assert session.store is _conversations.default_store()
-        asyncio.run(session.add_items([user("hi")]))
-        assert asyncio.run(OpenAIAgentsSession("default").get_items()) == [user("hi")]
+        store = session.store
+        assert isinstance(store, AsyncSessionStore)
+        try:
+            assert OpenAIAgentsSession("other").store is store  # one per process
+            await session.add_items([user("hi"), user("there")])
+            assert await OpenAIAgentsSession("default").get_items() == [user("hi"), user("there")]
+            assert await session.pop_item() == user("there")
+            await session.clear_session()
+            assert await session.get_items() == []
+            assert threading.active_count() == threads_before
+        finally:
+            await store.aclose()
+
+    try:
+        asyncio.run(scenario())
     finally:
-        _conversations.default_store().close()
-        _conversations.default_store.cache_clear()
+        _conversations.default_async_store.cache_clear()
