@@ -62,6 +62,7 @@ from session import (
     VersionConflict,
     get_async_session_store,
 )
+from session import config as session_config
 from session.config import REDIS_SOCKET_TIMEOUT, async_redis_client_from_url
 from session.pytest_plugin import POSTGRES_VARIABLE, unique_key_prefix
 
@@ -471,3 +472,31 @@ def test_no_call_blocks_the_event_loop(request: pytest.FixtureRequest, loop_redi
             keys = list(client.scan_iter(match=f"{prefix}*"))
             if keys:
                 client.delete(*keys)
+
+
+def test_two_hundred_calls_in_flight_all_reach_redis(loop_redis_url: str) -> None:
+    """A URL-built client has a connection for each of 200 calls in flight at once
+    (redis.asyncio's default of 100 made half of them cache errors)."""
+    cache = async_redis_client_from_url(loop_redis_url)
+    assert cache.connection_pool.max_connections == session_config.ASYNC_POOL_CONNECTIONS
+
+    async def main() -> dict[str, int]:
+        store = AsyncSessionStore(
+            docstore.AsyncMemoryDocumentStore(), cache, key_prefix=unique_key_prefix()
+        )
+        async with store:
+            created = [await store.create_session(data={"n": n}) for n in range(10)]
+            for session in created:
+                await store.get_session(session.id)  # cached
+            before = store.stats()
+            found = await asyncio.gather(
+                *(store.get_session(created[n % 10].id) for n in range(200))
+            )
+            assert [s.data["n"] if s else None for s in found] == [n % 10 for n in range(200)]
+            for session in created:
+                await store.delete_session(session.id)
+            after = store.stats()
+        await cache.aclose()
+        return {name: after[name] - before[name] for name in ("hits", "cache_errors")}
+
+    assert asyncio.run(main()) == {"hits": 200, "cache_errors": 0}
