@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from types import TracebackType
 from typing import Any, TypeVar
@@ -61,6 +61,45 @@ def _may_commit(request: Request) -> bool:
     if isinstance(request, DocCall):
         return request.method not in _READS
     return isinstance(request, InTransaction)
+
+
+def _script_caller(cache: redis.asyncio.Redis | None) -> Callable[..., Awaitable[Any]]:
+    """Return how the store awaits `EVALSHA sha numkeys *keys *args` on `cache`.
+
+    As the sync store does (see `session.store._script_caller`): straight on a
+    pooled connection, under the client's retry policy, skipping
+    `redis.asyncio`'s generic command path (an `initialize()` and awaited
+    operation metrics per call). A connection interrupted mid-command, by an
+    error or a cancellation, is closed by redis-py itself and never reused
+    with a reply unread. A client bound to a single connection keeps the
+    generic path, and so does anything that is not a `redis.asyncio.Redis`
+    (a wrapper that watches the client's calls sees the scripts).
+    """
+    if cache is None:
+        return _no_cache
+    if not isinstance(cache, redis.asyncio.Redis) or cache.single_connection_client:
+        return cache.evalsha
+    pool: Any = cache.connection_pool
+
+    async def call_script(*args: Any) -> Any:
+        conn: Any = await pool.get_connection()
+        try:
+            return await conn.retry.call_with_retry(
+                lambda: _send_script(conn, args), lambda _error: conn.disconnect()
+            )
+        finally:
+            await pool.release(conn)
+
+    return call_script
+
+
+async def _send_script(conn: Any, args: tuple[Any, ...]) -> Any:
+    await conn.send_command("EVALSHA", *args)
+    return await conn.read_response()
+
+
+async def _no_cache(*args: Any) -> Any:
+    raise AssertionError("a store without a cache sent a script")
 
 
 class AsyncSessionStore(SessionProtocol):
@@ -117,6 +156,7 @@ class AsyncSessionStore(SessionProtocol):
             raise ValueError("the Redis client must not decode responses (decode_responses=False)")
         self._docstore = docstore
         self._cache = cache
+        self._call_script = _script_caller(cache)
         self._owns_docstore = owns_docstore
         self._owns_cache = owns_cache
         self._ensure_indexes = ensure_indexes
@@ -152,7 +192,7 @@ class AsyncSessionStore(SessionProtocol):
 
     async def _drive(self, steps: Steps[T], *, clean_up: bool = True) -> T:
         """Await one call's requests in order, sending each result (or error) back."""
-        cache = self._cache
+        call_script = self._call_script
         try:
             request = next(steps)
             while True:
@@ -160,7 +200,7 @@ class AsyncSessionStore(SessionProtocol):
                 try:
                     # A script call (a plain tuple) first: a cache hit's only request.
                     if type(request) is tuple:
-                        result = await cache.evalsha(*request)  # type: ignore[union-attr]
+                        result = await call_script(*request)
                     elif clean_up and _may_commit(request):
                         # Not interrupted by a cancellation of the caller: see
                         # _finish_in_background.
@@ -242,7 +282,7 @@ class AsyncSessionStore(SessionProtocol):
             while True:
                 try:
                     if type(request) is tuple:
-                        result = await self._cache.evalsha(*request)  # type: ignore[union-attr]
+                        result = await self._call_script(*request)
                     else:
                         result = await self._perform(request)
                 except Exception as exc:
