@@ -33,6 +33,7 @@ from .protocol import (
     Abandoned,
     CacheCall,
     CachePipeline,
+    DeferredScript,
     DocCall,
     InTransaction,
     Request,
@@ -314,6 +315,15 @@ class AsyncSessionStore(SessionProtocol):
             for name, args in request.commands:
                 getattr(pipe, name)(*args)
             return await pipe.execute()
+        if isinstance(request, DeferredScript):
+            # The loop is free while Redis answers; only this call waits.
+            try:
+                reply = await self._call_script(*request.args)
+            except Exception as exc:
+                request.done(exc)
+            else:
+                request.done(reply)
+            return None
         if isinstance(request, Sleep):
             await asyncio.sleep(request.seconds)
             return None

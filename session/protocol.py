@@ -86,6 +86,7 @@ __all__ = [
     "DocCall",
     "Sleep",
     "InTransaction",
+    "DeferredScript",
     "Abandoned",
     "STAT_NAMES",
     "DEFAULT_TAIL_BYTES",
@@ -143,7 +144,24 @@ class InTransaction(NamedTuple):
     steps: Generator[Request, Any, Any]
 
 
-Request = Union[ScriptCall, CacheCall, CachePipeline, DocCall, Sleep, InTransaction]  # noqa: UP007
+class DeferredScript(NamedTuple):
+    """A script call whose reply the caller does not wait for: a fill after a miss.
+
+    `args` are EVALSHA's, as in a plain script call. The runner hands
+    `done` the reply, or the exception it raised, whenever it reads it (at
+    once, or during a later call of the store); `done` never raises. The
+    runner sends back None. The reply only tells whether the fill landed,
+    which the caller never needs: it already has what it read from the
+    docstore, and the lease protocol decides whether the copy installs.
+    """
+
+    args: tuple[Any, ...]
+    done: Callable[[object], None]
+
+
+Request = Union[  # noqa: UP007
+    ScriptCall, CacheCall, CachePipeline, DocCall, Sleep, InTransaction, DeferredScript
+]
 Steps = Generator[Request, Any, T]
 
 
@@ -1133,9 +1151,10 @@ class SessionProtocol:
                 )
         return dropped
 
-    def _cache_failed(self, exc: Exception) -> None:
+    def _cache_failed(self, exc: Exception, *, here: bool = True) -> None:
         self._stats.add("cache_errors")
-        self._failures_here.set(self._failures_here.get() + 1)
+        if here:
+            self._failures_here.set(self._failures_here.get() + 1)
         if self._breaker.record_failure():
             logger.warning(
                 "Redis call failed (%s: %s); using the docstore alone until Redis recovers",
@@ -1366,12 +1385,32 @@ class SessionProtocol:
     def _finish_session_fill(
         self, session_id: str, token: str, fill: tuple[bytes, int, int]
     ) -> Steps[None]:
+        """Install what a miss read (an empty value only releases the lease, so
+        waiting readers stop waiting), without waiting for Redis to answer."""
+        if not self._breaker.allow():
+            self._stats.add("cache_skipped")
+            return
+        if self._pending and not (yield from self._drain()):
+            return
         keys = coherence.session_value_keys(self._key_prefix, session_id)
-        # An empty value only releases the lease, so waiting readers stop waiting.
-        result = yield from self._run(
-            "FILL_SESSION", keys, (token, *fill), coherence.parse_fill_reply
-        )
-        self._count_fill(result, installing=bool(fill[0]))
+        installing = bool(fill[0])
+
+        def done(reply: object) -> None:
+            if isinstance(reply, redis.exceptions.NoScriptError):
+                return  # Redis lost the scripts: the next call fences, the lease expires
+            try:
+                if isinstance(reply, Exception):
+                    raise reply
+                result = coherence.parse_fill_reply(reply)
+            except (redis.RedisError, OSError, ProtocolError) as exc:
+                # Not this thread's failure: the call that reads the reply did not fail.
+                self._cache_failed(exc, here=False)
+                return
+            self._cache_ok()
+            self._count_fill(result, installing=installing)
+
+        sha = self._scripts["FILL_SESSION"][1]
+        yield DeferredScript((sha, 2, *keys, token, *fill), done)
 
     def _session_fill_args(
         self, session_id: str

@@ -9,6 +9,8 @@ only runs its requests: docstore calls on a `DocumentStore`, commands on a
 
 from __future__ import annotations
 
+import collections
+import os
 import secrets  # noqa: F401  (the random source of every id, patched by tests through here)
 import time
 from collections.abc import Callable
@@ -27,6 +29,7 @@ from .protocol import (
     STAT_NAMES,
     CacheCall,
     CachePipeline,
+    DeferredScript,
     DocCall,
     InTransaction,
     Request,
@@ -50,36 +53,181 @@ __all__ = [
 T = TypeVar("T")
 
 
-def _script_caller(cache: redis.Redis | None) -> Callable[..., Any]:
+def _script_caller(cache: redis.Redis | None) -> _Scripts:
     """Return how the store runs `EVALSHA sha numkeys *keys *args` on `cache`.
 
     A pooled client's `evalsha` spends about 45k instructions of client CPU in
     redis-py's generic command path (command-name lookups, event dispatch,
     operation metrics) on top of the round trip itself, a tenth of a cache
-    hit's. Scripts are sent straight on a pooled connection instead,
-    keeping what matters of that path: the client's retry policy (a broken
-    connection is dropped before a retry), and a connection that failed
-    mid-command is closed by redis-py itself, never reused. A client bound
-    to a single connection keeps the generic path, and so does anything that
-    is not a `redis.Redis` (a wrapper that watches the client's calls sees the
-    scripts).
+    hit's. Scripts are sent straight on a pooled connection instead
+    (`_PooledScripts`), keeping what matters of that path: the client's retry
+    policy (a broken connection is dropped before a retry), and a connection
+    that failed mid-command is closed by redis-py itself, never reused. A
+    client bound to a single connection keeps the generic path, and so does
+    anything that is not a `redis.Redis` (a wrapper that watches the client's
+    calls sees the scripts).
     """
     if cache is None:
-        return _no_cache
+        return _Scripts(_no_cache)
     if not isinstance(cache, redis.Redis) or cache.connection is not None:
-        return cache.evalsha
-    pool = cache.connection_pool
+        return _Scripts(cache.evalsha)
+    return _PooledScripts(cache.connection_pool)
 
-    def call_script(*args: Any) -> Any:
-        conn: Any = pool.get_connection()
+
+class _Scripts:
+    """Script calls through `evalsha`; a deferred one is answered at once."""
+
+    def __init__(self, evalsha: Callable[..., Any]) -> None:
+        self._evalsha = evalsha
+
+    def __call__(self, *args: Any) -> Any:
+        return self._evalsha(*args)
+
+    def defer(self, args: tuple[Any, ...], done: Callable[[object], None]) -> None:
+        """Run the script; hand `done` its reply or error (here: before returning)."""
         try:
-            return conn.retry.call_with_retry(
-                lambda: _send_script(conn, args), lambda _error: conn.disconnect()
-            )
-        finally:
-            pool.release(conn)
+            reply = self._evalsha(*args)
+        except Exception as exc:
+            done(exc)
+        else:
+            done(reply)
 
-    return call_script
+    def drain(self) -> None:
+        """Read every reply left unread (here: there are none)."""
+
+
+# Bumped in a forked child: connections parked by the parent are not the child's.
+_fork_generation = [0]
+
+
+def _count_fork() -> None:
+    _fork_generation[0] += 1
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_count_fork)
+
+
+_Parked = tuple[Any, Any, Callable[[object], None]]
+
+
+class _PooledScripts(_Scripts):
+    """Script calls straight on the client's pooled connections.
+
+    A deferred call (a fill after a miss) is sent, and its connection is parked
+    with the reply unread, still checked out of the pool: the miss returns one
+    round trip sooner. The next script call of any thread takes a parked
+    connection first and sends its own command behind the fill (a pipeline of
+    two), then reads both replies: no round trip of its own is added, and the
+    same thread's next read reaches Redis after its fill. `drain()` (from
+    `stats()` and `close()`) reads every reply still waiting.
+    """
+
+    _MAX_PARKED = 16
+
+    def __init__(self, pool: Any) -> None:
+        self._pool = pool
+        # (connection, its socket when parked, what to hand the waiting reply)
+        self._parked: collections.deque[_Parked] = collections.deque()
+        self._generation = _fork_generation[0]
+
+    def __call__(self, *args: Any) -> Any:
+        parked = self._take_parked() if self._parked else None
+        if parked is None:
+            conn: Any = self._pool.get_connection()
+            try:
+                return conn.retry.call_with_retry(
+                    lambda: _send_script(conn, args), lambda _error: conn.disconnect()
+                )
+            finally:
+                self._pool.release(conn)
+        conn, sock, done = parked
+        waiting = [done]
+
+        def attempt() -> Any:
+            if waiting and conn._sock is not sock:
+                # Closed meanwhile (a client close(), a pool reset): the reply went
+                # with the socket, and the next one on a new socket is our own.
+                waiting.pop()(redis.ConnectionError("closed before a fill's reply was read"))
+            conn.send_command("EVALSHA", *args)
+            if waiting:
+                _read_into(conn, waiting.pop())
+            return conn.read_response()
+
+        def failed(error: Exception) -> None:
+            if waiting:  # the send failed: the fill's reply is lost with the connection
+                waiting.pop()(error)
+            conn.disconnect()
+
+        try:
+            return conn.retry.call_with_retry(attempt, failed)
+        finally:
+            self._pool.release(conn)
+
+    def defer(self, args: tuple[Any, ...], done: Callable[[object], None]) -> None:
+        try:
+            conn = self._pool.get_connection()
+        except Exception as exc:
+            done(exc)
+            return
+        try:
+            conn.send_command("EVALSHA", *args)
+        except Exception as exc:
+            # redis-py closed the connection; the lease expires on its own.
+            self._pool.release(conn)
+            done(exc)
+            return
+        if len(self._parked) < self._MAX_PARKED:
+            self._parked.append((conn, conn._sock, done))
+            return
+        try:
+            _read_into(conn, done)
+        except Exception:
+            pass  # handed to `done`; redis-py closed the connection
+        self._pool.release(conn)
+
+    def drain(self) -> None:
+        while (parked := self._take_parked()) is not None:
+            conn, sock, done = parked
+            if conn._sock is not sock:
+                done(redis.ConnectionError("closed before a fill's reply was read"))
+            else:
+                try:
+                    _read_into(conn, done)
+                except Exception:
+                    pass  # handed to `done`; redis-py closed the connection
+            self._pool.release(conn)
+
+    def __del__(self) -> None:
+        # A store dropped without close(): close the sockets of parked
+        # connections, so no reply is left unread on an open connection.
+        for conn, _, _ in self._parked:
+            conn.disconnect()
+
+    def _take_parked(self) -> _Parked | None:
+        """Return the oldest parked connection and its reply's `done`; None if none is left."""
+        if self._generation != _fork_generation[0]:
+            # A forked child: the parent's sockets must not be used here.
+            self._parked = collections.deque()
+            self._generation = _fork_generation[0]
+            return None
+        try:
+            return self._parked.popleft()
+        except IndexError:
+            return None
+
+
+def _read_into(conn: Any, done: Callable[[object], None]) -> None:
+    """Read one reply from `conn` into `done`; re-raise an error that broke the connection."""
+    try:
+        reply = conn.read_response()
+    except redis.ResponseError as exc:
+        done(exc)  # an error reply: the connection is fine
+        return
+    except Exception as exc:
+        done(exc)
+        raise
+    done(reply)
 
 
 def _send_script(conn: Any, args: tuple[Any, ...]) -> Any:
@@ -142,7 +290,8 @@ class SessionStore(SessionProtocol):
             raise ValueError("the Redis client must not decode responses (decode_responses=False)")
         self._docstore = docstore
         self._cache = cache
-        self._call_script = _script_caller(cache)
+        self._script_io = _script_caller(cache)
+        self._call_script = self._script_io.__call__
         self._owns_docstore = owns_docstore
         self._owns_cache = owns_cache
         self._drive(self._startup_steps(ensure_indexes))
@@ -190,6 +339,9 @@ class SessionStore(SessionProtocol):
             for name, args in request.commands:
                 getattr(pipe, name)(*args)
             return pipe.execute()
+        if isinstance(request, DeferredScript):
+            self._script_io.defer(request.args, request.done)
+            return None
         if isinstance(request, Sleep):
             time.sleep(request.seconds)
             return None
@@ -327,8 +479,18 @@ class SessionStore(SessionProtocol):
         """
         self._drive(self._evict_steps(session_id))
 
+    def stats(self) -> dict[str, int]:
+        """Return the cache counters (see STAT_NAMES), plus whether the breaker is open.
+
+        Fills whose replies were not yet read (see `_PooledScripts`) are read
+        first, so the counts include them.
+        """
+        self._script_io.drain()
+        return super().stats()
+
     def close(self) -> None:
         """Release what this store created itself; a client passed in stays open."""
+        self._script_io.drain()
         if self._owns_cache and self._cache is not None:
             self._cache.close()
         if self._owns_docstore:
