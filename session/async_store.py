@@ -78,9 +78,9 @@ def _script_caller(cache: redis.asyncio.Redis | None) -> Callable[..., Awaitable
     """
     if cache is None:
         return _no_cache
-    if not isinstance(cache, redis.asyncio.Redis) or cache.single_connection_client:
+    pool = _script_pool(cache)
+    if pool is None:
         return cache.evalsha
-    pool: Any = cache.connection_pool
 
     async def call_script(*args: Any) -> Any:
         conn: Any = await pool.get_connection()
@@ -92,6 +92,25 @@ def _script_caller(cache: redis.asyncio.Redis | None) -> Callable[..., Awaitable
             await pool.release(conn)
 
     return call_script
+
+
+def _script_pool(cache: redis.asyncio.Redis | None) -> Any:
+    """Return the pool the store sends scripts on itself; None for the generic path."""
+    if not isinstance(cache, redis.asyncio.Redis) or cache.single_connection_client:
+        return None
+    return cache.connection_pool
+
+
+async def _read_reply(pool: Any, conn: Any, done: Callable[[object], None]) -> None:
+    """Hand `done` the reply waiting on `conn` (or the error reading it), then release it."""
+    try:
+        reply = await conn.read_response()
+    except Exception as exc:
+        done(exc)  # an error reply; or a broken connection, which redis-py closed
+    else:
+        done(reply)
+    finally:
+        await pool.release(conn)
 
 
 async def _send_script(conn: Any, args: tuple[Any, ...]) -> Any:
@@ -158,6 +177,7 @@ class AsyncSessionStore(SessionProtocol):
         self._docstore = docstore
         self._cache = cache
         self._call_script = _script_caller(cache)
+        self._script_pool = _script_pool(cache)
         self._owns_docstore = owns_docstore
         self._owns_cache = owns_cache
         self._ensure_indexes = ensure_indexes
@@ -301,6 +321,41 @@ class AsyncSessionStore(SessionProtocol):
             else:
                 logger.exception("cleaning up after a cancelled session call failed")
 
+    async def _defer_script(self, request: DeferredScript) -> None:
+        """Send a fill; read its reply in a task of its own, so the miss returns sooner.
+
+        On a pooled `redis.asyncio.Redis` the caller awaits only the send (a
+        cancellation there leaves the connection closed by redis-py, and the
+        protocol releases the lease); the reply is read, and the connection
+        released, in the background (`aclose()` waits for it). Any other
+        client runs the script in the call.
+        """
+        pool = self._script_pool
+        if pool is None:
+            try:
+                reply = await self._call_script(*request.args)
+            except Exception as exc:
+                request.done(exc)
+            else:
+                request.done(reply)
+            return
+        try:
+            conn: Any = await pool.get_connection()
+        except Exception as exc:
+            request.done(exc)
+            return
+        try:
+            await conn.send_command("EVALSHA", *request.args)
+        except BaseException as exc:
+            await pool.release(conn)
+            if not isinstance(exc, Exception):
+                raise
+            request.done(exc)
+            return
+        task = asyncio.get_running_loop().create_task(_read_reply(pool, conn, request.done))
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)
+
     async def _perform(self, request: Request) -> Any:
         if isinstance(request, DocCall):
             method = getattr(self._docstore, request.method)
@@ -316,13 +371,7 @@ class AsyncSessionStore(SessionProtocol):
                 getattr(pipe, name)(*args)
             return await pipe.execute()
         if isinstance(request, DeferredScript):
-            # The loop is free while Redis answers; only this call waits.
-            try:
-                reply = await self._call_script(*request.args)
-            except Exception as exc:
-                request.done(exc)
-            else:
-                request.done(reply)
+            await self._defer_script(request)
             return None
         if isinstance(request, Sleep):
             await asyncio.sleep(request.seconds)
@@ -456,7 +505,8 @@ class AsyncSessionStore(SessionProtocol):
         await self._call(self._evict_steps(session_id))
 
     async def aclose(self) -> None:
-        """Finish the clean-up of cancelled calls; release what this store created itself.
+        """Finish the clean-up of cancelled calls and read the replies of fills in flight;
+        release what this store created itself.
 
         A docstore or Redis client passed in stays open for its owner.
         """

@@ -201,6 +201,13 @@ class CountedRedis(_Counted):
         return self._inner.get_encoder()
 
 
+async def settled(store: AsyncSessionStore) -> None:
+    """Wait until `store` has nothing left in the background: a fill's reply still
+    to read, the clean-up of a cancelled call."""
+    while store._cleanups:
+        await asyncio.wait(set(store._cleanups))
+
+
 def sql_rows(dsn: str, statement: str, params: tuple[Any, ...] = ()) -> list[Any]:
     """Run one statement on a connection of its own (blocking: call it in a thread)."""
     conn = psycopg2.connect(dsn)

@@ -31,7 +31,15 @@ import fakeredis
 import psycopg2
 import pytest
 import redis.asyncio
-from async_harness import PHASES, Backends, ReplyGate, backends, real_servers, sql_rows
+from async_harness import (
+    PHASES,
+    Backends,
+    ReplyGate,
+    backends,
+    real_servers,
+    settled,
+    sql_rows,
+)
 from postgres_tables import drop_tables, unique_table
 
 from session import AsyncSessionStore, Message, Session, SessionNotFound
@@ -337,6 +345,9 @@ def test_cancelled_while_redis_holds_the_reply(
             sid = await _scenario(env, user, warm=name in WRITES)
             before = await _observe(env.shared("truth", cached=False), [sid])
             await store.get_session("warm-up")  # started
+            # Its fill's reply is read in the background: let it arrive before the
+            # gate holds replies, so the first held reply is the call's own.
+            await settled(store)
             gate.hold()
             task = asyncio.create_task((WRITES.get(name) or READS[name])(store, sid))
             held = asyncio.create_task(gate.held.wait())

@@ -132,6 +132,7 @@ class TestRealRedis(SessionStoreContract):
         store = make_store(breaker_threshold=3)
         created = store.create_session(data={"a": 1})
         store.get_session(created.id)
+        store.stats()  # reads the fill's reply, left unread by the miss, before the stall
         proxy.stall()
         try:
             for _ in range(6):
