@@ -1590,6 +1590,7 @@ class SessionStoreContract:
         one, two = make_store(), make_store()
         created = one.create_session(data={"n": 1})
         assert one.get_session(created.id) == created
+        assert one.stats()["fills"] == 1  # (a miss does not wait for its fill's reply)
         updated = two.update_session(created.id, {"n": 2})
         raw = needs_cache.get(session_keys(key_prefix, created.id).value)
         assert decode_session(raw, created.id).session == updated
@@ -1670,9 +1671,19 @@ class SessionStoreContract:
         stale: list[tuple[int, int]] = []
         stop = threading.Event()
 
+        def exercised() -> bool:
+            totals = Counter[str]()
+            for store in stores:
+                totals.update(store.stats())
+            return totals["fills"] > 0 and totals["hits"] > 0
+
         def writer(index: int) -> Callable[[], None]:
             def run() -> None:
-                for i in range(40):
+                # 40 writes each, and on until the race has seen fills and hits (new
+                # connections are slow to open at first: a short run may see none).
+                for i in range(400):
+                    if i >= 40 and (index or exercised()):
+                        break
                     session = stores[index % 3].update_session(created.id, {"n": i})
                     with lock:
                         returned[0] = max(returned[0], session.version)

@@ -387,6 +387,16 @@ class SyncOverAsyncSessionStore:
 
         return call
 
+    def stats(self) -> dict[str, int]:
+        """The store's counters once the fill replies it reads in the background have
+        arrived, as the sync store's `stats()` reads its parked replies first."""
+        self.loop_thread.run(self._settled)
+        return self.async_store.stats()
+
+    async def _settled(self) -> None:
+        while self.async_store._cleanups:
+            await asyncio.wait(set(self.async_store._cleanups))
+
     def close(self) -> None:
         self.loop_thread.run(self.async_store.aclose)
 
