@@ -38,6 +38,10 @@ class CircuitBreaker:
 
     def allow(self) -> bool:
         """Return True if a call may go to Redis now."""
+        if self._opened_at is None:
+            # Closed: no lock on the hot path. A call racing the opening may still
+            # go to Redis, as one that ran a moment earlier would have.
+            return True
         with self._lock:
             if self._opened_at is None:
                 return True
@@ -55,6 +59,8 @@ class CircuitBreaker:
 
     def record_success(self) -> int:
         """Close the breaker; return how many failures the burst that just ended had."""
+        if self._failures == 0 and self._opened_at is None:
+            return 0  # closed, nothing to reset: no lock on every successful call
         with self._lock:
             failures = self._failures
             self._failures = 0
