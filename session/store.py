@@ -179,24 +179,24 @@ class _PooledScripts(_Scripts):
             return
         if len(self._parked) < self._MAX_PARKED:
             self._parked.append((conn, conn._sock, done))
-            return
-        try:
-            _read_into(conn, done)
-        except Exception:
-            pass  # handed to `done`; redis-py closed the connection
-        self._pool.release(conn)
+        else:
+            self._settle((conn, conn._sock, done))
 
     def drain(self) -> None:
         while (parked := self._take_parked()) is not None:
-            conn, sock, done = parked
-            if conn._sock is not sock:
-                done(redis.ConnectionError("closed before a fill's reply was read"))
-            else:
-                try:
-                    _read_into(conn, done)
-                except Exception:
-                    pass  # handed to `done`; redis-py closed the connection
-            self._pool.release(conn)
+            self._settle(parked)
+
+    def _settle(self, parked: _Parked) -> None:
+        """Read a parked reply into its `done` (unless its socket is gone), then release."""
+        conn, sock, done = parked
+        if conn._sock is not sock:
+            done(redis.ConnectionError("closed before a fill's reply was read"))
+        else:
+            try:
+                _read_into(conn, done)
+            except Exception:
+                pass  # handed to `done`; redis-py closed the connection
+        self._pool.release(conn)
 
     def __del__(self) -> None:
         # A store dropped without close(): close the sockets of parked

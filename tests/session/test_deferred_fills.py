@@ -43,6 +43,11 @@ def store(client: redis.Redis, session_key_prefix: str) -> Iterator[SessionStore
         yield store
 
 
+def needs_a_real_socket(request: pytest.FixtureRequest, why: str) -> None:
+    if "real" not in request.node.callspec.id:
+        pytest.skip(why)
+
+
 def in_use(client: redis.Redis) -> int:
     return len(client.connection_pool._in_use_connections)  # type: ignore[attr-defined]
 
@@ -124,8 +129,7 @@ def test_a_parked_connection_closed_meanwhile_costs_the_next_call_nothing(
 def test_a_parked_connection_broken_meanwhile_costs_the_next_call_nothing(
     store: SessionStore, client: redis.Redis, request: pytest.FixtureRequest
 ) -> None:
-    if "real" not in request.node.callspec.id:
-        pytest.skip("needs a real socket to break (fakeredis has none)")
+    needs_a_real_socket(request, "needs a real socket to break (fakeredis has none)")
     first = store.create_session(data={"n": 1}).id
     second = store.create_session(data={"n": 2}).id
     store.get_session(first)
@@ -174,8 +178,7 @@ def test_threads_missing_at_once_leak_no_connection(
 def test_a_forked_child_never_reads_its_parents_parked_reply(
     store: SessionStore, client: redis.Redis, request: pytest.FixtureRequest
 ) -> None:
-    if "real" not in request.node.callspec.id:
-        pytest.skip("needs a socket parent and child share (fakeredis keeps it in memory)")
+    needs_a_real_socket(request, "needs a socket parent and child share (fakeredis has none)")
     first = store.create_session(data={"n": 1}).id
     second = store.create_session(data={"n": 2}).id
     store.get_session(first)  # parks a connection with the fill's reply unread
