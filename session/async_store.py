@@ -81,36 +81,94 @@ def _script_caller(cache: redis.asyncio.Redis | None) -> Callable[..., Awaitable
     pool = _script_pool(cache)
     if pool is None:
         return cache.evalsha
-
-    async def call_script(*args: Any) -> Any:
-        conn: Any = await pool.get_connection()
-        try:
-            return await conn.retry.call_with_retry(
-                lambda: _send_script(conn, args), lambda _error: conn.disconnect()
-            )
-        finally:
-            await pool.release(conn)
-
-    return call_script
+    return pool
 
 
-def _script_pool(cache: redis.asyncio.Redis | None) -> Any:
-    """Return the pool the store sends scripts on itself; None for the generic path."""
+def _script_pool(cache: redis.asyncio.Redis | None) -> _PooledScripts | None:
+    """Return the connections the store sends scripts on itself; None for the generic path."""
     if not isinstance(cache, redis.asyncio.Redis) or cache.single_connection_client:
         return None
-    return cache.connection_pool
+    return _PooledScripts(cache.connection_pool)
 
 
-async def _read_reply(pool: Any, conn: Any, done: Callable[[object], None]) -> None:
-    """Hand `done` the reply waiting on `conn` (or the error reading it), then release it."""
-    try:
-        reply = await conn.read_response()
-    except Exception as exc:
-        done(exc)  # an error reply; or a broken connection, which redis-py closed
-    else:
+class _PooledScripts:
+    """Script calls straight on the client's pooled connections.
+
+    As in the sync store, connections whose replies were all read are kept
+    checked out between calls (up to 16, and never more than half of the
+    pool), which skips the pool's locked checkout and release and their
+    awaited metrics. A kept connection the server closed meanwhile is
+    reconnected before use; `release()` (from `aclose()`) gives them back.
+    """
+
+    _MAX_KEPT = 16
+
+    def __init__(self, pool: Any) -> None:
+        self.pool = pool
+        self._kept: list[Any] = []
+        self._max_kept = min(self._MAX_KEPT, getattr(pool, "max_connections", 0) // 2)
+
+    async def __call__(self, *args: Any) -> Any:
+        conn = await self.checkout()
+        try:
+            reply = await conn.retry.call_with_retry(
+                lambda: _send_script(conn, args), lambda _error: conn.disconnect()
+            )
+        except BaseException:
+            await self.pool.release(conn)
+            raise
+        if len(self._kept) < self._max_kept:
+            self._kept.append(conn)
+        else:
+            await self.pool.release(conn)
+        return reply
+
+    async def checkout(self) -> Any:
+        """A connection with nothing left to read: a kept one, else the pool's."""
+        try:
+            conn = self._kept.pop()
+        except IndexError:
+            return await self.pool.get_connection()
+        try:
+            if conn.is_connected:
+                # Closed by the server meanwhile (a restart), or (never expected)
+                # data left to read: reconnect, as the pool's own checkout does.
+                try:
+                    stale = await conn.can_read()
+                except (redis.ConnectionError, redis.TimeoutError, OSError):
+                    stale = True
+                if stale:
+                    await conn.disconnect()
+        except BaseException:
+            await self.pool.release(conn)
+            raise
+        return conn
+
+    async def keep(self, conn: Any) -> None:
+        """Hold a connection whose replies were all read, for the next call."""
+        if len(self._kept) < self._max_kept:
+            self._kept.append(conn)
+        else:
+            await self.pool.release(conn)
+
+    async def read_reply(self, conn: Any, done: Callable[[object], None]) -> None:
+        """Hand `done` the reply waiting on `conn` (or the error reading it); keep or release it."""
+        try:
+            reply = await conn.read_response()
+        except BaseException as exc:
+            # An error reply; or a broken connection, which redis-py closed.
+            await self.pool.release(conn)
+            if not isinstance(exc, Exception):
+                raise
+            done(exc)
+            return
+        await self.keep(conn)
         done(reply)
-    finally:
-        await pool.release(conn)
+
+    async def release(self) -> None:
+        """Give every kept connection back to the pool."""
+        while self._kept:
+            await self.pool.release(self._kept.pop())
 
 
 async def _send_script(conn: Any, args: tuple[Any, ...]) -> Any:
@@ -177,7 +235,9 @@ class AsyncSessionStore(SessionProtocol):
         self._docstore = docstore
         self._cache = cache
         self._call_script = _script_caller(cache)
-        self._script_pool = _script_pool(cache)
+        self._script_pool = (
+            self._call_script if isinstance(self._call_script, _PooledScripts) else None
+        )
         self._owns_docstore = owns_docstore
         self._owns_cache = owns_cache
         self._ensure_indexes = ensure_indexes
@@ -340,19 +400,19 @@ class AsyncSessionStore(SessionProtocol):
                 request.done(reply)
             return
         try:
-            conn: Any = await pool.get_connection()
+            conn: Any = await pool.checkout()
         except Exception as exc:
             request.done(exc)
             return
         try:
             await conn.send_command("EVALSHA", *request.args)
         except BaseException as exc:
-            await pool.release(conn)
+            await pool.pool.release(conn)
             if not isinstance(exc, Exception):
                 raise
             request.done(exc)
             return
-        task = asyncio.get_running_loop().create_task(_read_reply(pool, conn, request.done))
+        task = asyncio.get_running_loop().create_task(pool.read_reply(conn, request.done))
         self._cleanups.add(task)
         task.add_done_callback(self._cleanups.discard)
 
@@ -518,6 +578,8 @@ class AsyncSessionStore(SessionProtocol):
                 task.cancel()
             if late:
                 logger.warning("closing with %d clean-ups of cancelled calls unfinished", len(late))
+        if self._script_pool is not None:
+            await self._script_pool.release()
         if self._owns_cache and self._cache is not None:
             await self._cache.aclose()
         if self._owns_docstore:
