@@ -245,8 +245,28 @@ _EXACT_DECODER = json.JSONDecoder(parse_int=_parse_int)
 _SCAN_JSON = json.scanner.make_scanner(cast(Any, _EXACT_DECODER))
 
 
+# bytes.translate table: every digit becomes "9", anything else a space, so that
+# a run of 19 digits (the shortest an integer beyond int64 can be) is one `in`.
+_DIGIT_RUNS = bytes(57 if 48 <= i <= 57 else 32 for i in range(256))
+_INT64_DIGITS = b"9" * 19
+
+
 def decode_json(text: str) -> Any:
     """Decode JSON as every store returns it (ints beyond 64 bits become floats)."""
+    # orjson decodes a document in 40% of the time of json's scanner, but reads
+    # integers from 2**63 to 2**64 as ints: it only gets text that has no run of
+    # 19 digits, which no such integer can hide from (finding none costs a
+    # fifth of what orjson saves). What it refuses (NaN, a lone surrogate,
+    # nesting past 1024) goes to json, which decides and words any error.
+    try:
+        plain = _INT64_DIGITS not in text.encode().translate(_DIGIT_RUNS)
+    except UnicodeEncodeError:  # a lone surrogate
+        plain = False
+    if plain:
+        try:
+            return orjson.loads(text)
+        except orjson.JSONDecodeError:
+            pass
     try:
         value, end = _SCAN_JSON(text, 0)
     except StopIteration:

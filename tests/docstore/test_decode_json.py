@@ -37,6 +37,13 @@ def test_integers_beyond_64_bits_become_floats() -> None:
     assert isinstance(decoded["big"], float) and isinstance(decoded["edge"], int)
 
 
+@pytest.mark.parametrize("text", ["[9223372036854775808]", '{"a": [18446744073709551615]}'])
+def test_integers_orjson_would_keep_as_ints_become_floats(text: str) -> None:
+    # 2**63 to 2**64 - 1: orjson reads them as ints, so they must not reach it.
+    (decoded,) = decode_json(text) if text.startswith("[") else decode_json(text)["a"]
+    assert isinstance(decoded, float) and decoded == float(text.strip('[]{}"a: '))
+
+
 def test_constants_decode_as_json_loads_does() -> None:
     assert math.isnan(decode_json("NaN"))
     assert decode_json("[Infinity, -Infinity]") == [math.inf, -math.inf]
