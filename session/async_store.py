@@ -23,6 +23,7 @@ from datetime import datetime
 from types import TracebackType
 from typing import Any, TypeVar
 
+import hiredis
 import redis.asyncio
 
 import docstore
@@ -172,8 +173,26 @@ class _PooledScripts:
 
 
 async def _send_script(conn: Any, args: tuple[Any, ...]) -> Any:
-    await conn.send_command("EVALSHA", *args)
+    await _send_evalsha(conn, args)
     return await conn.read_response()
+
+
+async def _send_evalsha(conn: Any, args: tuple[Any, ...]) -> None:
+    """Send `EVALSHA *args` on `conn`, packed by hiredis when the client encodes as UTF-8.
+
+    `redis.asyncio` packs commands in Python (6.0 us for a READ_SESSION
+    against 1.1 us for hiredis) even where hiredis is installed. hiredis
+    writes str as UTF-8, so a client set to another encoding keeps its own
+    packer.
+    """
+    encoder = conn.encoder
+    if encoder.encoding in _UTF8 and encoder.encoding_errors == "strict":
+        await conn.send_packed_command([hiredis.pack_command(("EVALSHA", *args))])
+    else:
+        await conn.send_command("EVALSHA", *args)
+
+
+_UTF8 = frozenset({"utf-8", "utf8", "UTF-8", "UTF8"})
 
 
 async def _no_cache(*args: Any) -> Any:
@@ -405,7 +424,7 @@ class AsyncSessionStore(SessionProtocol):
             request.done(exc)
             return
         try:
-            await conn.send_command("EVALSHA", *request.args)
+            await _send_evalsha(conn, request.args)
         except BaseException as exc:
             await pool.pool.release(conn)
             if not isinstance(exc, Exception):

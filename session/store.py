@@ -18,7 +18,9 @@ from datetime import datetime
 from types import TracebackType
 from typing import Any, TypeVar
 
+import hiredis
 import redis
+from redis.connection import HiredisRespSerializer
 
 import docstore
 
@@ -163,7 +165,7 @@ class _PooledScripts(_Scripts):
                 # Closed meanwhile (a client close(), a pool reset): the reply went
                 # with the socket, and the next one on a new socket is our own.
                 waiting.pop()(redis.ConnectionError("closed before a fill's reply was read"))
-            conn.send_command("EVALSHA", *args)
+            _send_evalsha(conn, args)
             if waiting:
                 _read_into(conn, waiting.pop())
             return conn.read_response()
@@ -214,7 +216,7 @@ class _PooledScripts(_Scripts):
             done(exc)
             return
         try:
-            conn.send_command("EVALSHA", *args)
+            _send_evalsha(conn, args)
         except Exception as exc:
             # redis-py closed the connection; the lease expires on its own.
             self._pool.release(conn)
@@ -294,8 +296,21 @@ def _read_into(conn: Any, done: Callable[[object], None]) -> None:
 
 
 def _send_script(conn: Any, args: tuple[Any, ...]) -> Any:
-    conn.send_command("EVALSHA", *args)
+    _send_evalsha(conn, args)
     return conn.read_response()
+
+
+def _send_evalsha(conn: Any, args: tuple[Any, ...]) -> None:
+    """Send `EVALSHA *args` on `conn`, packed by hiredis where redis-py would use it.
+
+    redis-py's packer first walks the arguments looking for byte views and
+    space-separated command names, which a script's never are: 3.8 us against
+    1.6 us for hiredis alone, of a cache hit's ~90 us of client CPU.
+    """
+    if type(conn._command_packer) is HiredisRespSerializer:
+        conn.send_packed_command([hiredis.pack_command(("EVALSHA", *args))])
+    else:
+        conn.send_command("EVALSHA", *args)
 
 
 def _no_cache(*args: Any) -> Any:

@@ -16,6 +16,7 @@ import os
 import random
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import fakeredis
 import pytest
@@ -139,16 +140,17 @@ async def test_a_caller_cancelled_while_its_fill_is_sent(
         await store.get_session("warm-up")  # started: the scripts are loaded
         fill_sha = store._scripts["FILL_SESSION"][1]
         connection_class = client.connection_pool.connection_class
-        send = connection_class.send_command
+        send = connection_class.send_packed_command
         sending = asyncio.Event()
 
-        async def slow_send(self: object, *args: object, **kwargs: object) -> None:
-            if args[:2] == ("EVALSHA", fill_sha) and not sending.is_set():
+        async def slow_send(self: object, command: Any, *args: object, **kwargs: object) -> None:
+            packed = command if isinstance(command, bytes) else b"".join(command)
+            if fill_sha.encode() in packed and not sending.is_set():
                 sending.set()  # the miss's fill (the lease's release after it goes through)
                 await asyncio.sleep(10)  # cancelled here
-            await send(self, *args, **kwargs)
+            await send(self, command, *args, **kwargs)
 
-        monkeypatch.setattr(connection_class, "send_command", slow_send)
+        monkeypatch.setattr(connection_class, "send_packed_command", slow_send)
         task = asyncio.create_task(store.get_session(sid))
         await asyncio.wait_for(sending.wait(), 5)
         task.cancel()
