@@ -127,6 +127,23 @@ class AsyncMemoryDocumentStore(AsyncDocumentStore):
             )
         )
 
+    async def read_with(
+        self,
+        collection: str,
+        id: str,
+        related: str,
+        filters: Filters | None = None,
+        *,
+        link: tuple[str, str],
+        limit: int | None = 100,
+        order_by: OrderBy | None = None,
+    ) -> tuple[Document | None, list[Document]]:
+        return await self._call(
+            lambda: self.sync_store.read_with(
+                collection, id, related, filters, link=link, limit=limit, order_by=order_by
+            )
+        )
+
     async def count(self, collection: str, filters: Filters | None = None) -> int:
         return await self._call(lambda: self.sync_store.count(collection, filters))
 

@@ -211,9 +211,7 @@ class AsyncPostgresDocumentStore(AsyncDocumentStore):
         except BaseException as exc:
             raw.terminate()
             if isinstance(exc, (*_CONNECTION_ERRORS, asyncpg.PostgresError)):
-                raise StoreUnavailable(
-                    f"cannot set up the connection: {first_line(exc)}"
-                ) from exc
+                raise StoreUnavailable(f"cannot set up the connection: {first_line(exc)}") from exc
             raise
         return raw
 
@@ -560,9 +558,7 @@ class AsyncPostgresDocumentStore(AsyncDocumentStore):
                 if not isinstance(exc, asyncpg.PostgresError):
                     transaction.broken = True
                     conn.discard()
-                    raise StoreUnavailable(
-                        f"PostgreSQL is unavailable: {first_line(exc)}"
-                    ) from exc
+                    raise StoreUnavailable(f"PostgreSQL is unavailable: {first_line(exc)}") from exc
                 raise _translate(exc, broken=transaction.broken) from exc
             except BaseException:
                 transaction.broken = True  # cancelled mid-command
@@ -644,6 +640,23 @@ class AsyncPostgresDocumentStore(AsyncDocumentStore):
         return await self._run(
             self._protocol.query(
                 collection, filters, limit=limit, offset=offset, order_by=order_by, after=after
+            )
+        )
+
+    async def read_with(
+        self,
+        collection: str,
+        id: str,
+        related: str,
+        filters: Filters | None = None,
+        *,
+        link: tuple[str, str],
+        limit: int | None = 100,
+        order_by: OrderBy | None = None,
+    ) -> tuple[Document | None, list[Document]]:
+        return await self._run(
+            self._protocol.read_with(
+                collection, id, related, filters, link=link, limit=limit, order_by=order_by
             )
         )
 

@@ -89,6 +89,31 @@ class AsyncDocumentStore(ABC):
     ) -> list[Document]:
         """Return the live documents matching `filters`, in a deterministic order."""
 
+    async def read_with(
+        self,
+        collection: str,
+        id: str,
+        related: str,
+        filters: Filters | None = None,
+        *,
+        link: tuple[str, str],
+        limit: int | None = 100,
+        order_by: OrderBy | None = None,
+    ) -> tuple[Document | None, list[Document]]:
+        """Read a live document and, with it, the live documents of `related` it links to
+        (see `DocumentStore.read_with`; this default reads, then queries)."""
+        from .query import parse_link, value_at  # as in DocumentStore.read_with
+
+        related_path, own_path = parse_link(link, filters)
+        document = await self.read(collection, id)
+        if document is None:
+            return None, []
+        value = value_at(document.data, own_path)
+        if value is None:
+            return document, []
+        linked = {**(filters or {}), ".".join(related_path): {"$eq": value}}
+        return document, await self.query(related, linked, limit=limit, order_by=order_by)
+
     @abstractmethod
     async def count(self, collection: str, filters: Filters | None = None) -> int:
         """Count the live documents matching `filters`."""

@@ -530,6 +530,23 @@ class MemoryDocumentStore(DocumentStore):
             self._put(collection, id, None)
             return True
 
+    def read_with(
+        self,
+        collection: str,
+        id: str,
+        related: str,
+        filters: Filters | None = None,
+        *,
+        link: tuple[str, str],
+        limit: int | None = 100,
+        order_by: OrderBy | None = None,
+    ) -> tuple[Document | None, list[Document]]:
+        """Read a live document and the documents of `related` it links to, as one step."""
+        with self._lock:
+            return super().read_with(
+                collection, id, related, filters, link=link, limit=limit, order_by=order_by
+            )
+
     def query(
         self,
         collection: str,

@@ -535,6 +535,23 @@ class PostgresDocumentStore(DocumentStore):
             )
         )
 
+    def read_with(
+        self,
+        collection: str,
+        id: str,
+        related: str,
+        filters: Filters | None = None,
+        *,
+        link: tuple[str, str],
+        limit: int | None = 100,
+        order_by: OrderBy | None = None,
+    ) -> tuple[Document | None, list[Document]]:
+        return self._run(
+            self._protocol.read_with(
+                collection, id, related, filters, link=link, limit=limit, order_by=order_by
+            )
+        )
+
     def count(self, collection: str, filters: Filters | None = None) -> int:
         return self._run(self._protocol.count(collection, filters))
 
@@ -561,9 +578,7 @@ class PostgresDocumentStore(DocumentStore):
         unique: bool = False,
         order_by: OrderBy | None = None,
     ) -> None:
-        self._run(
-            self._protocol.ensure_index(collection, paths, unique=unique, order_by=order_by)
-        )
+        self._run(self._protocol.ensure_index(collection, paths, unique=unique, order_by=order_by))
 
     # -- sequences ----------------------------------------------------------
 

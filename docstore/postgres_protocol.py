@@ -55,6 +55,7 @@ from .query import (
     keyset_values,
     parse_filters,
     parse_index_order,
+    parse_link,
     parse_order_by,
     parse_path,
     path_expression,
@@ -432,8 +433,7 @@ def translate_error(
 def write_outcome_unknown(error: StoreUnavailable) -> StoreUnavailable:
     """Return the error for a write whose connection broke: it may have been committed."""
     return StoreUnavailable(
-        "the connection broke during a write: it may or may not have been "
-        f"committed ({error})",
+        f"the connection broke during a write: it may or may not have been committed ({error})",
         outcome_unknown=True,
     )
 
@@ -570,6 +570,66 @@ class PostgresProtocol:
         )
         rows = yield Execute(statement, (collection, id), write=False)
         return to_document(rows[0]) if rows else None
+
+    def read_with(
+        self,
+        collection: str,
+        id: str,
+        related: str,
+        filters: Filters | None,
+        *,
+        link: tuple[str, str],
+        limit: int | None,
+        order_by: OrderBy | None,
+    ) -> Steps[tuple[Document | None, list[Document]]]:
+        check_name("collection", collection)
+        check_name("id", id)
+        check_name("collection", related)
+        check_paging(limit, 0)
+        related_path, own_path = parse_link(link, filters)
+        conditions = parse_filters(filters)
+        keys = parse_order_by(order_by)
+        statement = self.prepared(
+            (
+                "read_with",
+                related,
+                related_path,
+                own_path,
+                tuple(map(condition_shape, conditions)),
+                tuple(keys),
+                limit,
+            ),
+            # The document, then (same snapshot) the related documents whose link
+            # path equals its own: the subquery is a value the planner can look
+            # up in an index on that path.
+            lambda: sql.SQL(
+                "WITH d AS (SELECT {cols} FROM {t} WHERE collection = %s AND id = %s AND {live}) "
+                "SELECT 0, {cols} FROM d UNION ALL "
+                "(SELECT 1, {cols} FROM {t} WHERE collection = {related} AND {live} AND {where}"
+                " AND {link} = (SELECT NULLIF({own}, 'null'::jsonb) FROM d)"
+                " ORDER BY {order} {paging})"
+            ).format(
+                cols=_COLUMNS,
+                t=self._table,
+                live=_LIVE,
+                related=PercentSafeLiteral(related),
+                where=compile_where(conditions),
+                link=path_expression(related_path),
+                own=path_expression(own_path),
+                order=compile_order_by(keys),
+                paging=_paging(limit, 0),
+            ),
+        )
+        params = [collection, id, *condition_params(conditions)]
+        rows = yield Execute(statement, params, write=False)
+        document: Document | None = None
+        linked: list[Document] = []
+        for row in rows:
+            if row[0] == 0:
+                document = to_document(row[1:])
+            else:
+                linked.append(to_document(row[1:]))
+        return (document, linked) if document is not None else (None, [])
 
     def modify(
         self,

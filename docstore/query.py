@@ -79,6 +79,26 @@ def parse_path(path: object) -> tuple[str, ...]:
     return segments
 
 
+def parse_link(link: object, filters: object) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Validate `read_with`'s link, a (related documents' path, read document's path) pair."""
+    if not isinstance(link, tuple | list) or len(link) != 2:
+        raise InvalidQuery(f"link must be a (related path, own path) pair, not {link!r}")
+    related_path, own_path = parse_path(link[0]), parse_path(link[1])
+    if isinstance(filters, Mapping) and link[0] in filters:
+        raise InvalidQuery(f"filters already constrain the link path {link[0]!r}")
+    return related_path, own_path
+
+
+def value_at(data: Mapping[str, Any], path: tuple[str, ...]) -> Any:
+    """Return the value at `path` in `data`; None when it is missing (or null)."""
+    value: Any = data
+    for segment in path:
+        if not isinstance(value, Mapping):
+            return None
+        value = value.get(segment)
+    return value
+
+
 def _json_operand(value: object, op: str) -> Any:
     try:
         check_json_value(value, op)

@@ -371,6 +371,39 @@ class DocumentStore(ABC):
         updated_at and/or id only.
         """
 
+    def read_with(
+        self,
+        collection: str,
+        id: str,
+        related: str,
+        filters: Filters | None = None,
+        *,
+        link: tuple[str, str],
+        limit: int | None = 100,
+        order_by: OrderBy | None = None,
+    ) -> tuple[Document | None, list[Document]]:
+        """Read a live document and, with it, the live documents of `related` it links to.
+
+        `link` is (a path in the related documents, a path in the read one):
+        the related documents returned are those matching `filters` whose value
+        at the first path equals the read document's value at the second (a
+        missing or null value links to none), ordered and limited as `query`
+        orders and limits them. (None, []) when the document is missing or
+        expired. PostgreSQL answers in one statement (one snapshot, one round
+        trip); this default reads, then queries.
+        """
+        from .query import parse_link, value_at  # query.py imports this module
+
+        related_path, own_path = parse_link(link, filters)
+        document = self.read(collection, id)
+        if document is None:
+            return None, []
+        value = value_at(document.data, own_path)
+        if value is None:
+            return document, []
+        linked = {**(filters or {}), ".".join(related_path): {"$eq": value}}
+        return document, self.query(related, linked, limit=limit, order_by=order_by)
+
     @abstractmethod
     def count(self, collection: str, filters: Filters | None = None) -> int:
         """Count the live documents matching `filters`."""

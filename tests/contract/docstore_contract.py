@@ -139,6 +139,7 @@ def roundtripped(data: object) -> Any:
 
 # --------------------------------------------------------------------------- bad input
 
+
 class _Colour(enum.Enum):
     RED = 1
 
@@ -1044,6 +1045,72 @@ class DocumentStoreContract:
         assert store.count(unique_name("empty")) == 0
         assert store.count(people) == len(PEOPLE)
 
+    # ------------------------------------------------------------ read_with
+
+    def test_read_with_returns_the_document_and_what_links_to_it(
+        self, store: DocumentStore, coll: str, other: str
+    ) -> None:
+        parent = store.create(coll, {"meta": {"key": "k1"}, "n": 1}, id="p")
+        store.create(coll, {"meta": {"key": "k2"}}, id="q")
+        for seq in range(1, 6):
+            store.create(other, {"key": "k1", "seq": seq}, id=f"a{seq}")
+        store.create(other, {"key": "k2", "seq": 1}, id="b1")
+        store.create(other, {"key": ["k1"], "seq": 9}, id="c1")  # a list is not equal
+        document, linked = store.read_with(
+            coll, "p", other, {"seq": {"$gte": 2}}, link=("key", "meta.key"),
+            order_by=["-seq"], limit=3,
+        )  # fmt: skip
+        assert document == parent
+        assert ids(linked) == ["a5", "a4", "a3"]
+        assert linked == [store.read(other, f"a{seq}") for seq in (5, 4, 3)]
+        _, everything = store.read_with(coll, "p", other, link=("key", "meta.key"), limit=None)
+        assert ids(everything) == [f"a{seq}" for seq in range(1, 6)]  # created_at, then id
+        assert ids(store.read_with(coll, "q", other, link=("key", "meta.key"))[1]) == ["b1"]
+
+    def test_read_with_a_missing_or_unlinked_document(
+        self, store: DocumentStore, coll: str, other: str
+    ) -> None:
+        store.create(other, {"key": None, "seq": 1}, id="null")
+        store.create(other, {"seq": 2}, id="absent")
+        assert store.read_with(coll, "nobody", other, link=("key", "key")) == (None, [])
+        for data in ({}, {"key": None}, {"key": {"deeper": 1}}):
+            doc_id = unique_name("d")
+            document = store.create(coll, data, id=doc_id)
+            # Missing or null links to nothing, not to the documents lacking the path.
+            assert store.read_with(coll, doc_id, other, link=("key", "key")) == (document, [])
+        gone = store.create(coll, {"key": "k"}, id="gone", ttl=SHORT_TTL)
+        store.create(other, {"key": "k"}, id="of-gone")
+        wait_until_expired(store, gone)
+        assert store.read_with(coll, "gone", other, link=("key", "key")) == (None, [])
+
+    def test_read_with_skips_expired_linked_documents(
+        self, store: DocumentStore, coll: str, other: str
+    ) -> None:
+        store.create(coll, {"key": "k"}, id="p")
+        store.create(other, {"key": "k"}, id="live")
+        dying = store.create(other, {"key": "k"}, id="dying", ttl=SHORT_TTL)
+        wait_until_expired(store, dying)
+        assert ids(store.read_with(coll, "p", other, link=("key", "key"))[1]) == ["live"]
+
+    @pytest.mark.parametrize(
+        "link", [("key",), "key", ("", "key"), ("key", "a..b"), ("key", 3), None]
+    )
+    def test_read_with_refuses_a_bad_link(
+        self, store: DocumentStore, coll: str, other: str, link: Any
+    ) -> None:
+        store.create(coll, {"key": "k"}, id="p")
+        with pytest.raises(InvalidQuery):
+            store.read_with(coll, "p", other, link=link)
+
+    def test_read_with_refuses_filters_on_the_link_path(
+        self, store: DocumentStore, coll: str, other: str
+    ) -> None:
+        store.create(coll, {"key": "k"}, id="p")
+        with pytest.raises(InvalidQuery):
+            store.read_with(coll, "p", other, {"key": "x"}, link=("key", "key"))
+        with pytest.raises(InvalidQuery):
+            store.read_with(coll, "p", other, {"seq": {"$bogus": 1}}, link=("seq2", "key"))
+
     def test_hostile_field_names(self, store: DocumentStore, coll: str) -> None:
         store.create(coll, {key: index for index, key in enumerate(HOSTILE_KEYS)}, id="all")
         store.create(coll, {"other": 1}, id="none")
@@ -1156,9 +1223,7 @@ class DocumentStoreContract:
             "p4",
         ]
 
-    def test_keyset_paging_walks_every_document_once(
-        self, store: DocumentStore, coll: str
-    ) -> None:
+    def test_keyset_paging_walks_every_document_once(self, store: DocumentStore, coll: str) -> None:
         for n in range(9):
             store.create(coll, {"n": n, "g": n % 2}, id=f"k{n}")
         # Updates in an order unrelated to the ids, some within one transaction
@@ -1774,9 +1839,7 @@ class DocumentStoreContract:
         with ThreadPoolExecutor(max_workers=2) as pool:
             holder = pool.submit(append_and_hold)
             assert holding.wait(10)
-            popper = pool.submit(
-                store.pop_child, coll + "_m", {"conv": "c"}, parent=(coll, "p")
-            )
+            popper = pool.submit(store.pop_child, coll + "_m", {"conv": "c"}, parent=(coll, "p"))
             # The pop must wait for the uncommitted append's transaction.
             with pytest.raises(FutureTimeout):
                 popper.result(timeout=0.3)

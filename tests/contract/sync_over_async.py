@@ -155,6 +155,23 @@ class SyncOverAsyncStore(DocumentStore):
             )
         )
 
+    def read_with(
+        self,
+        collection: str,
+        id: str,
+        related: str,
+        filters: Filters | None = None,
+        *,
+        link: tuple[str, str],
+        limit: int | None = 100,
+        order_by: OrderBy | None = None,
+    ) -> tuple[Document | None, list[Document]]:
+        return self._run(
+            lambda: self.async_store.read_with(
+                collection, id, related, filters, link=link, limit=limit, order_by=order_by
+            )
+        )
+
     def count(self, collection: str, filters: Filters | None = None) -> int:
         return self._run(lambda: self.async_store.count(collection, filters))
 
@@ -272,9 +289,7 @@ class SyncOverAsyncStore(DocumentStore):
             self._run(lambda: block.__aexit__(None, None, None))
 
     def purge_expired(self, collection: str | None = None, *, batch_size: int = 1000) -> int:
-        return self._run(
-            lambda: self.async_store.purge_expired(collection, batch_size=batch_size)
-        )
+        return self._run(lambda: self.async_store.purge_expired(collection, batch_size=batch_size))
 
     def close(self) -> None:
         self._run(self.async_store.aclose)
@@ -339,6 +354,7 @@ _ASYNC_METHODS = frozenset(
     {
         "create",
         "read",
+        "read_with",
         "update",
         "replace",
         "upsert",
