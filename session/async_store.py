@@ -55,7 +55,7 @@ _CLEANUP_GRACE = 5.0
 
 # Docstore methods that change nothing: a read in flight is dropped when its caller is
 # cancelled; anything else is finished (see AsyncSessionStore._finish_in_background).
-_READS = frozenset({"read", "query", "count", "list_collections", "ensure_index"})
+_READS = frozenset({"read", "read_with", "query", "count", "list_collections", "ensure_index"})
 
 
 def _may_commit(request: Request) -> bool:

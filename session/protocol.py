@@ -275,6 +275,23 @@ class _Lookup(NamedTuple):
     cache_failed: bool = False  # Redis failed or was skipped: do not ask it again
     # FILL_SESSION's value, version and px, not run yet: the tail's fill runs it too.
     session_fill: tuple[bytes, int, int] | None = None
+    # The window's message documents, oldest first, read with the session.
+    docs: list[docstore.Document] | None = None
+
+
+def _window_query(window: MessageWindow) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Return the filters (but the conversation's) and the order and limit of a window's query."""
+    filters: dict[str, Any] = {}
+    seq_bounds = window.seq_filter()
+    if seq_bounds:
+        filters["seq"] = seq_bounds
+    options = {
+        # "-id" too: the (conv, seq, id) index then serves the newest N by
+        # walking backwards, reading N rows instead of sorting the conversation.
+        "order_by": ["-seq", "-id"] if window.newest_first() else "seq",
+        "limit": window.limit,
+    }
+    return filters, options
 
 
 def required_indexes(sessions: str, messages: str) -> list[tuple[str, list[str], list[str] | None]]:
@@ -944,24 +961,36 @@ class SessionProtocol:
         self, state: SessionState, window: MessageWindow
     ) -> Steps[list[docstore.Document]]:
         """Return the message documents of the window, oldest first."""
-        filters: dict[str, Any] = {"conv": state.conversation}
-        seq_bounds = window.seq_filter()
-        if seq_bounds:
-            filters["seq"] = seq_bounds
-        newest_first = window.newest_first()
+        filters, options = _window_query(window)
+        filters["conv"] = state.conversation
         docs: list[docstore.Document] = yield from self._doc(
-            "query",
-            (self._messages, filters),
-            {
-                # "-id" too: the (conv, seq, id) index then serves the newest N by
-                # walking backwards, reading N rows instead of sorting the conversation.
-                "order_by": ["-seq", "-id"] if newest_first else "seq",
-                "limit": window.limit,
-            },
+            "query", (self._messages, filters), options
         )
-        if newest_first:
+        if window.newest_first():
             docs.reverse()
         return docs
+
+    def _read_document_and_window(
+        self, session_id: str, window: MessageWindow
+    ) -> Steps[tuple[SessionState | None, list[docstore.Document]]]:
+        """Read the session and its window's message documents (oldest first) in one step."""
+        filters, options = _window_query(window)
+        doc, docs = yield from self._doc(
+            "read_with",
+            (self._sessions, session_id, self._messages, filters),
+            {"link": ("conv", f"{RESERVED_KEY}.conv"), **options},
+        )
+        if doc is None:
+            return None, []
+        state = session_state_from_document(doc, session_id)
+        if state is None:
+            logger.warning(
+                "session document %s is malformed; treated as missing", short_hash(session_id)
+            )
+            return None, []
+        if window.newest_first():
+            docs.reverse()
+        return state, docs
 
     @staticmethod
     def _messages_of(docs: Sequence[docstore.Document], session_id: str) -> list[Message]:
@@ -1323,13 +1352,18 @@ class SessionProtocol:
                     if reply.tail is not TailRead.LEASED:
                         state = yield from self._fill_session(session_id, token)
                         return _Lookup(state, False, reply.tail, reply.messages, token)
-                    # READ leased us the tail too: install the session together with
-                    # the tail (FILL_SESSION_AND_TAIL), one round trip for both.
-                    state, fill = yield from self._session_fill_args(session_id)
+                    # READ leased us the tail too: read the session and the window in
+                    # one docstore step, then install the session together with the
+                    # tail (FILL_SESSION_AND_TAIL), one round trip for both.
+                    assert window is not None
+                    state, docs = yield from self._read_document_and_window(session_id, window)
+                    state, fill = self._session_fill(state)
                     if state is None:
                         yield from self._finish_session_fill(session_id, token, fill)
                         return _Lookup(None)
-                    return _Lookup(state, False, reply.tail, (), token, session_fill=fill)
+                    return _Lookup(
+                        state, False, reply.tail, (), token, session_fill=fill, docs=docs
+                    )
                 assert reply.session is SessionRead.HIT and reply.value is not None
                 if reply.is_tombstone:
                     self._stats.add("hits")
@@ -1387,30 +1421,44 @@ class SessionProtocol:
     ) -> Steps[None]:
         """Install what a miss read (an empty value only releases the lease, so
         waiting readers stop waiting), without waiting for Redis to answer."""
+        installing = bool(fill[0])
+
+        def count(reply: object) -> None:
+            self._count_fill(coherence.parse_fill_reply(reply), installing=installing)
+
+        keys = coherence.session_value_keys(self._key_prefix, session_id)
+        yield from self._send_fill("FILL_SESSION", keys, (token, *fill), count)
+
+    def _send_fill(
+        self,
+        script: str,
+        keys: Sequence[str],
+        args: Sequence[object],
+        count: Callable[[object], None],
+    ) -> Steps[None]:
+        """Run a fill script without waiting for its reply, which only `count` needs
+        (it parses and counts the reply, raising ProtocolError if it has no meaning)."""
         if not self._breaker.allow():
             self._stats.add("cache_skipped")
             return
         if self._pending and not (yield from self._drain()):
             return
-        keys = coherence.session_value_keys(self._key_prefix, session_id)
-        installing = bool(fill[0])
 
         def done(reply: object) -> None:
             if isinstance(reply, redis.exceptions.NoScriptError):
-                return  # Redis lost the scripts: the next call fences, the lease expires
+                return  # Redis lost the scripts: the next call fences, the leases expire
             try:
                 if isinstance(reply, Exception):
                     raise reply
-                result = coherence.parse_fill_reply(reply)
+                count(reply)
             except (redis.RedisError, OSError, ProtocolError) as exc:
                 # Not this thread's failure: the call that reads the reply did not fail.
                 self._cache_failed(exc, here=False)
                 return
             self._cache_ok()
-            self._count_fill(result, installing=installing)
 
-        sha = self._scripts["FILL_SESSION"][1]
-        yield DeferredScript((sha, 2, *keys, token, *fill), done)
+        sha = self._scripts[script][1]
+        yield DeferredScript((sha, len(keys), *keys, *args), done)
 
     def _session_fill_args(
         self, session_id: str
@@ -1419,7 +1467,13 @@ class SessionProtocol:
 
         The state is None when the session is missing or expired.
         """
-        state = yield from self._read_document(session_id)
+        return self._session_fill((yield from self._read_document(session_id)))
+
+    def _session_fill(
+        self, state: SessionState | None
+    ) -> tuple[SessionState | None, tuple[bytes, int, int]]:
+        """Return the session as a caller sees it (None when missing or expired) and what
+        to cache of the docstore's `state`."""
         value, version, px = b"", 0, self._tombstone_ms
         if state is None:
             # Ids are never reused, so "missing" is final: cache it as a tombstone.
@@ -1430,7 +1484,9 @@ class SessionProtocol:
                 try:
                     value = encode_session(state)
                 except EncodeError as exc:
-                    logger.warning("session %s cannot be cached: %s", short_hash(session_id), exc)
+                    logger.warning(
+                        "session %s cannot be cached: %s", short_hash(state.session.id), exc
+                    )
                 version, px = state.session.version, session_px
         live = None if state is None or self._expired(state) else state
         return live, (value, version, px)
@@ -1473,7 +1529,7 @@ class SessionProtocol:
             try:
                 return (
                     yield from self._fill_tail(
-                        session_id, state, window, lookup.token, lookup.session_fill
+                        session_id, state, window, lookup.token, lookup.session_fill, lookup.docs
                     )
                 )
             except Abandoned:
@@ -1502,6 +1558,7 @@ class SessionProtocol:
         window: MessageWindow,
         token: str,
         session_fill: tuple[bytes, int, int] | None = None,
+        docs: list[docstore.Document] | None = None,
     ) -> Steps[list[Message]]:
         """Answer the request from the docstore; under our tail lease, install what fits of it.
 
@@ -1510,7 +1567,8 @@ class SessionProtocol:
         reaches the conversation's end, its newest messages that fit the
         count limit and the byte budget become the tail.
         """
-        docs = yield from self._query_documents(state, window)
+        if docs is None:
+            docs = yield from self._query_documents(state, window)
         messages = self._messages_of(docs, session_id)
         tail: list[tuple[Message, bytes]] = []
         args: list[object] = [token, -1, 0, 0, 0]
@@ -1538,23 +1596,22 @@ class SessionProtocol:
                 entries = [entry for _, entry in reversed(tail)]
                 args = [token, last_seq, px, self._tail_bytes, complete, *entries]
         keys = self._keys(session_id)
-        result: FillResult | None
-        if session_fill is None:
-            result = yield from self._run(
-                "FILL_TAIL",
-                (keys.tail, keys.fence, keys.tail_lease),
-                args,
-                coherence.parse_fill_reply,
-            )
-        else:
-            both = yield from self._run(
-                "FILL_SESSION_AND_TAIL",
-                keys.all(),
-                [token, *session_fill, *args[1:]],
-                coherence.parse_fill_pair_reply,
-            )
-            self._count_fill(None if both is None else both[0], installing=bool(session_fill[0]))
-            result = None if both is None else both[1]
+        if session_fill is not None:
+            # A cold read: the session and the tail in one script, whose reply only
+            # the counters need (as a miss's session fill, see _finish_session_fill).
+            installing = bool(session_fill[0]), args[1] != -1
+
+            def count(reply: object) -> None:
+                session_result, tail_result = coherence.parse_fill_pair_reply(reply)
+                self._count_fill(session_result, installing=installing[0])
+                self._count_fill(tail_result, installing=installing[1])
+
+            fill_args = [token, *session_fill, *args[1:]]
+            yield from self._send_fill("FILL_SESSION_AND_TAIL", keys.all(), fill_args, count)
+            return messages
+        result = yield from self._run(
+            "FILL_TAIL", (keys.tail, keys.fence, keys.tail_lease), args, coherence.parse_fill_reply
+        )
         self._count_fill(result, installing=args[1] != -1)
         return messages
 
