@@ -102,16 +102,15 @@ class AsyncDocumentStore(ABC):
     ) -> tuple[Document | None, list[Document]]:
         """Read a live document and, with it, the live documents of `related` it links to
         (see `DocumentStore.read_with`; this default reads, then queries)."""
-        from .query import parse_link, value_at  # as in DocumentStore.read_with
+        from .query import linked_filters, parse_link  # as in DocumentStore.read_with
 
         related_path, own_path = parse_link(link, filters)
         document = await self.read(collection, id)
         if document is None:
             return None, []
-        value = value_at(document.data, own_path)
-        if value is None:
+        linked = linked_filters(filters, related_path, own_path, document.data)
+        if linked is None:
             return document, []
-        linked = {**(filters or {}), ".".join(related_path): {"$eq": value}}
         return document, await self.query(related, linked, limit=limit, order_by=order_by)
 
     @abstractmethod

@@ -89,14 +89,22 @@ def parse_link(link: object, filters: object) -> tuple[tuple[str, ...], tuple[st
     return related_path, own_path
 
 
-def value_at(data: Mapping[str, Any], path: tuple[str, ...]) -> Any:
-    """Return the value at `path` in `data`; None when it is missing (or null)."""
+def linked_filters(
+    filters: Mapping[str, Any] | None,
+    related_path: tuple[str, ...],
+    own_path: tuple[str, ...],
+    data: Mapping[str, Any],
+) -> dict[str, Any] | None:
+    """Return `filters` and the link to `data`'s value at `own_path`, for `query`;
+    None when that value is missing or null (the document links to nothing)."""
     value: Any = data
-    for segment in path:
+    for segment in own_path:
         if not isinstance(value, Mapping):
             return None
         value = value.get(segment)
-    return value
+    if value is None:
+        return None
+    return {**(filters or {}), ".".join(related_path): {"$eq": value}}
 
 
 def _json_operand(value: object, op: str) -> Any:

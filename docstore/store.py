@@ -392,16 +392,15 @@ class DocumentStore(ABC):
         expired. PostgreSQL answers in one statement (one snapshot, one round
         trip); this default reads, then queries.
         """
-        from .query import parse_link, value_at  # query.py imports this module
+        from .query import linked_filters, parse_link  # query.py imports this module
 
         related_path, own_path = parse_link(link, filters)
         document = self.read(collection, id)
         if document is None:
             return None, []
-        value = value_at(document.data, own_path)
-        if value is None:
+        linked = linked_filters(filters, related_path, own_path, document.data)
+        if linked is None:
             return document, []
-        linked = {**(filters or {}), ".".join(related_path): {"$eq": value}}
         return document, self.query(related, linked, limit=limit, order_by=order_by)
 
     @abstractmethod

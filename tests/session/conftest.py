@@ -15,8 +15,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+import redis
 
 from docstore import DocumentStore, MemoryDocumentStore
+from session import SessionStore
 from session.pytest_plugin import REDIS_VARIABLE, server_url
 
 
@@ -30,3 +32,18 @@ def session_docstore() -> Iterator[DocumentStore]:
 @pytest.fixture(scope="session")
 def redis_url() -> str:
     return server_url(REDIS_VARIABLE, "real Redis server")
+
+
+@pytest.fixture(params=["fakeredis", "real"])
+def client(request: pytest.FixtureRequest) -> redis.Redis:
+    """A client of fakeredis, then of the server named by REDIS_URL (skipped when unset)."""
+    if request.param == "real":
+        return request.getfixturevalue("real_redis")  # type: ignore[no-any-return]
+    return request.getfixturevalue("fake_redis")  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def store(client: redis.Redis, session_key_prefix: str) -> Iterator[SessionStore]:
+    """A SessionStore on a memory docstore and `client`, closed afterwards."""
+    with SessionStore(MemoryDocumentStore(), client, key_prefix=session_key_prefix) as store:
+        yield store

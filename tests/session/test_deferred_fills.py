@@ -9,7 +9,8 @@ nothing but a counted cache error, and a forked child never reads its
 parent's parked reply.
 
 Each test runs on fakeredis and on the Redis server named by REDIS_URL (the
-fail-fast client `get_session_store` builds; skipped when unset).
+fail-fast client `get_session_store` builds; skipped when unset): the
+`client` and `store` fixtures of tests/session/conftest.py.
 """
 
 from __future__ import annotations
@@ -18,29 +19,14 @@ import os
 import socket
 import threading
 import warnings
-from collections.abc import Iterator
 
 import pytest
 import redis
 
-from docstore import MemoryDocumentStore
 from session import SessionStore
 
 # fakeredis never times a read out: a reply read on the wrong socket would hang.
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture(params=["fakeredis", "real"])
-def client(request: pytest.FixtureRequest) -> redis.Redis:
-    if request.param == "real":
-        return request.getfixturevalue("real_redis")  # type: ignore[no-any-return]
-    return request.getfixturevalue("fake_redis")  # type: ignore[no-any-return]
-
-
-@pytest.fixture
-def store(client: redis.Redis, session_key_prefix: str) -> Iterator[SessionStore]:
-    with SessionStore(MemoryDocumentStore(), client, key_prefix=session_key_prefix) as store:
-        yield store
 
 
 def needs_a_real_socket(request: pytest.FixtureRequest, why: str) -> None:

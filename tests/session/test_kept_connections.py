@@ -9,7 +9,8 @@ keeps half its connections for the application; `close()`, a dropped store
 and a forked child give back or leave alone what the store kept.
 
 Each test runs on fakeredis and on the Redis server named by REDIS_URL
-(skipped when unset), except those that need a real socket.
+(skipped when unset), except those that need a real socket: the `client`
+and `store` fixtures of tests/session/conftest.py.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import gc
 import os
 import threading
 import warnings
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -30,19 +30,6 @@ from docstore import MemoryDocumentStore
 from session import SessionStore
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture(params=["fakeredis", "real"])
-def client(request: pytest.FixtureRequest) -> redis.Redis:
-    if request.param == "real":
-        return request.getfixturevalue("real_redis")  # type: ignore[no-any-return]
-    return request.getfixturevalue("fake_redis")  # type: ignore[no-any-return]
-
-
-@pytest.fixture
-def store(client: redis.Redis, session_key_prefix: str) -> Iterator[SessionStore]:
-    with SessionStore(MemoryDocumentStore(), client, key_prefix=session_key_prefix) as store:
-        yield store
 
 
 def in_use(client: redis.Redis) -> int:
