@@ -179,10 +179,17 @@ class AsyncMemoryDocumentStore(AsyncDocumentStore):
         id: str | None = None,
         ttl: Ttl | None = None,
         parent_ttl: Ttl | None = None,
+        parent_data: bool = True,
     ) -> tuple[Document, Document] | None:
         return await self._call(
             lambda: self.sync_store.append(
-                collection, data, parent=parent, id=id, ttl=ttl, parent_ttl=parent_ttl
+                collection,
+                data,
+                parent=parent,
+                id=id,
+                ttl=ttl,
+                parent_ttl=parent_ttl,
+                parent_data=parent_data,
             )
         )
 

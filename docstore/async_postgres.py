@@ -701,10 +701,17 @@ class AsyncPostgresDocumentStore(AsyncDocumentStore):
         id: str | None = None,
         ttl: Ttl | None = None,
         parent_ttl: Ttl | None = None,
+        parent_data: bool = True,
     ) -> tuple[Document, Document] | None:
         return await self._run(
             self._protocol.append(
-                collection, data, parent=parent, id=id, ttl=ttl, parent_ttl=parent_ttl
+                collection,
+                data,
+                parent=parent,
+                id=id,
+                ttl=ttl,
+                parent_ttl=parent_ttl,
+                parent_data=parent_data,
             )
         )
 

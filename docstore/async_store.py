@@ -146,8 +146,10 @@ class AsyncDocumentStore(ABC):
         id: str | None = None,
         ttl: Ttl | None = None,
         parent_ttl: Ttl | None = None,
+        parent_data: bool = True,
     ) -> tuple[Document, Document] | None:
-        """Add a child with the parent's next `seq`, bumping the parent; None if it is missing."""
+        """Add a child with the parent's next `seq`, bumping the parent; None if it is missing
+        (`parent_data=False`: the parent comes back with empty data)."""
 
     @abstractmethod
     async def pop_child(

@@ -412,12 +412,14 @@ class MemoryDocumentStore(DocumentStore):
         return self._document(collection, doc_id, record)
 
     @staticmethod
-    def _document(collection: str, doc_id: str, record: _Record) -> Document:
+    def _document(
+        collection: str, doc_id: str, record: _Record, with_data: bool = True
+    ) -> Document:
         # A copy, so a caller changing doc.data cannot change what is stored.
         return Document(
             id=doc_id,
             collection=collection,
-            data=copy.deepcopy(record.data),
+            data=copy.deepcopy(record.data) if with_data else {},
             created_at=record.created_at,
             updated_at=record.updated_at,
             version=record.version,
@@ -662,6 +664,7 @@ class MemoryDocumentStore(DocumentStore):
         id: str | None = None,
         ttl: Ttl | None = None,
         parent_ttl: Ttl | None = None,
+        parent_data: bool = True,
     ) -> tuple[Document, Document] | None:
         """Add a child with the parent's next `seq`, bumping the parent; None if it is missing."""
         check_name("collection", collection)
@@ -678,7 +681,7 @@ class MemoryDocumentStore(DocumentStore):
             existing = self._live(collection, child_id, now)
             if existing is not None:
                 return (
-                    self._document(parent_collection, parent_id, parent_record),
+                    self._document(parent_collection, parent_id, parent_record, parent_data),
                     self._document(collection, child_id, existing),
                 )
             seq = parent_record.last_seq + 1
@@ -696,7 +699,7 @@ class MemoryDocumentStore(DocumentStore):
                 ),
             )
             self._put(parent_collection, parent_id, bumped)
-            return self._document(parent_collection, parent_id, bumped), child
+            return self._document(parent_collection, parent_id, bumped, parent_data), child
 
     def pop_child(
         self,

@@ -591,10 +591,17 @@ class PostgresDocumentStore(DocumentStore):
         id: str | None = None,
         ttl: Ttl | None = None,
         parent_ttl: Ttl | None = None,
+        parent_data: bool = True,
     ) -> tuple[Document, Document] | None:
         return self._run(
             self._protocol.append(
-                collection, data, parent=parent, id=id, ttl=ttl, parent_ttl=parent_ttl
+                collection,
+                data,
+                parent=parent,
+                id=id,
+                ttl=ttl,
+                parent_ttl=parent_ttl,
+                parent_data=parent_data,
             )
         )
 

@@ -105,6 +105,10 @@ ROLLBACK_STATEMENT_SAVEPOINT = (
     f"ROLLBACK TO SAVEPOINT {STATEMENT_SAVEPOINT}; RELEASE SAVEPOINT {STATEMENT_SAVEPOINT}"
 )
 _COLUMNS = sql.SQL("id, collection, data, created_at, updated_at, version, expires_at")
+# The same columns with an empty object for the data (append's parent_data=False).
+_COLUMNS_BUT_DATA = sql.SQL(
+    "id, collection, '{}'::jsonb, created_at, updated_at, version, expires_at"
+)
 _LIVE = sql.SQL("(expires_at IS NULL OR expires_at > now())")
 # The largest seq a child could get, so that a size check made before the
 # server assigns the real one never underestimates the stored document.
@@ -1123,6 +1127,7 @@ class PostgresProtocol:
         id: str | None,
         ttl: Ttl | None,
         parent_ttl: Ttl | None,
+        parent_data: bool = True,
     ) -> Steps[tuple[Document, Document] | None]:
         check_name("collection", collection)
         parent_collection, parent_id = check_parent(parent)
@@ -1142,8 +1147,10 @@ class PostgresProtocol:
         params.extend([collection, child_id, text, parent_id])
         expiry = _expiry_sql(ttl_seconds, params)
         params.extend([parent_collection, parent_id])
+        # Without the parent's data, PostgreSQL neither renders nor sends it.
+        parent_cols = _COLUMNS if parent_data else _COLUMNS_BUT_DATA
         statement = self.prepared(
-            ("append", ttl_seconds is None, parent_ttl_seconds is None),
+            ("append", ttl_seconds is None, parent_ttl_seconds is None, parent_data),
             lambda: sql.SQL(
                 "WITH existing AS ("
                 " SELECT {cols} FROM {t} WHERE collection = %s AND id = %s AND {live}"
@@ -1160,13 +1167,14 @@ class PostgresProtocol:
                 "  {expiry} FROM parent"
                 " RETURNING {cols}"
                 ") "
-                "SELECT 'parent', {cols} FROM parent "
+                "SELECT 'parent', {parent_cols} FROM parent "
                 "UNION ALL SELECT 'child', {cols} FROM child "
                 "UNION ALL SELECT 'child', {cols} FROM existing "
-                "UNION ALL SELECT 'parent', {cols} FROM {t}"
+                "UNION ALL SELECT 'parent', {parent_cols} FROM {t}"
                 " WHERE collection = %s AND id = %s AND {live} AND EXISTS (SELECT 1 FROM existing)"
             ).format(
                 cols=_COLUMNS,
+                parent_cols=parent_cols,
                 t=self._table,
                 live=_LIVE,
                 expiry=expiry,

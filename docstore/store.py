@@ -442,11 +442,15 @@ class DocumentStore(ABC):
         id: str | None = None,
         ttl: Ttl | None = None,
         parent_ttl: Ttl | None = None,
+        parent_data: bool = True,
     ) -> tuple[Document, Document] | None:
         """Add a child with the parent's next `seq`, bumping the parent; None if it is missing.
 
         `parent_ttl`, when given, also sets the parent's expiry to now + parent_ttl
         in the same step (sliding expiry of a conversation's owner).
+        `parent_data=False` returns the parent without its data (`data` is {}),
+        for a caller that needs only its version and timestamps: PostgreSQL
+        then neither renders nor sends the parent's document.
         """
 
     @abstractmethod

@@ -440,16 +440,78 @@ return replaced
 """
 )
 
+# A cached session, [format, version, user id, conversation, data, created,
+# updated, expires] (serializer.encode_session), moved to the next version by
+# an append: only the version, updated and expires change, so the new value is
+# `head` (array header, format, version) and `tail` (updated, expires) around
+# the old value's middle four elements, copied as they are.
+PATCH_SESSION_LUA = """
+local ELEMENT_WIDTH = {[0xcc] = 1, [0xcd] = 2, [0xce] = 4, [0xcf] = 8,
+                       [0xd0] = 1, [0xd1] = 2, [0xd2] = 4, [0xd3] = 8}
+-- The position after the msgpack element at `pos` (nil, an int or a str, what a
+-- cached session holds); nil for anything else.
+local function skip(value, pos)
+  local b = string.byte(value, pos)
+  if b == nil then return nil end
+  if b <= 0x7f or b >= 0xe0 or b == 0xc0 then return pos + 1 end
+  if b >= 0xa0 and b <= 0xbf then return pos + 1 + b - 0xa0 end
+  local width = ELEMENT_WIDTH[b]
+  if width then return pos + 1 + width end
+  if b == 0xd9 then
+    local n = string.byte(value, pos + 1)
+    return n and pos + 2 + n
+  end
+  if b == 0xda then
+    local h, l = string.byte(value, pos + 1, pos + 2)
+    return l and pos + 3 + h * 256 + l
+  end
+  if b == 0xdb then
+    local a, b2, c, d = string.byte(value, pos + 1, pos + 4)
+    return d and pos + 5 + ((a * 256 + b2) * 256 + c) * 256 + d
+  end
+  return nil
+end
+-- The value with `head` and `tail` around its middle four elements; nil if it is
+-- not an array of eight such elements ending exactly where the value does.
+local function patch_session(value, head, tail)
+  if string.byte(value, 1) ~= 0x98 then return nil end
+  local middle = skip(value, 2)
+  middle = middle and skip(value, middle)
+  local stop = middle
+  for _ = 1, 4 do stop = stop and skip(value, stop) end
+  local finish = stop and skip(value, stop)
+  finish = finish and skip(value, finish)
+  if finish ~= #value + 1 then return nil end
+  return head .. string.sub(value, middle, stop - 1) .. tail
+end
+"""
+
 # KEYS: value, lease, tail, fence, tail_lease. ARGV: 1 session value, 2 its
 # version, 3 px, 4 encoded message, 5 its seq, 6 tail length limit, 7 tail
-# byte budget. Reply: 1 if the cached session was replaced.
+# byte budget, and (an append that bumped the version by one) 8: then ARGV 1
+# and 8 are the head and tail of PATCH_SESSION_LUA, and a cached copy of the
+# version before (exactly the state the append started from) is patched; an
+# older copy is deleted. Reply: 1 if the cached session was replaced.
 WRITE_MESSAGE = (
     VERSION_OF_LUA
     + TAIL_FENCE_LUA
+    + PATCH_SESSION_LUA
     + """
 local version = tonumber(ARGV[2])
-local cached = version_of((get_checked(KEYS[1])))
-local replaced = replace_if_older(KEYS[1], ARGV[1], version, ARGV[3])
+local current = get_checked(KEYS[1])
+local cached = version_of(current)
+local replaced = 0
+if ARGV[8] == nil then
+  replaced = replace_if_older(KEYS[1], ARGV[1], version, ARGV[3])
+elseif cached ~= nil and cached < version then
+  local patched = cached == version - 1 and patch_session(current, ARGV[1], ARGV[8])
+  if patched then
+    redis.call('SET', KEYS[1], patched, 'PX', ARGV[3])
+    replaced = 1
+  else
+    redis.call('DEL', KEYS[1])
+  end
+end
 local seq = tonumber(ARGV[5])
 local last, bytes, complete = fence_of(KEYS[4])
 if cached == nil or cached > version then

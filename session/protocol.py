@@ -74,6 +74,7 @@ from .serializer import (
     decode_session,
     encode_message,
     encode_session,
+    session_patch,
 )
 
 __all__ = [
@@ -357,8 +358,10 @@ class _ConversationKeys:
         self._entries: OrderedDict[str, tuple[str, int | None]] = OrderedDict()
 
     def remember(self, session_id: str, state: SessionState) -> None:
-        expires_at = state.session.expires_at
-        entry = (state.conversation, None if expires_at is None else to_micros(expires_at))
+        self.remember_key(session_id, state.conversation, state.session.expires_at)
+
+    def remember_key(self, session_id: str, conversation: str, expires_at: datetime | None) -> None:
+        entry = (conversation, None if expires_at is None else to_micros(expires_at))
         if self._entries.get(session_id) == entry:
             # Known already (every hit of a session lands here): keep its place
             # in the LRU order rather than pay a lock per hit to refresh it.
@@ -655,6 +658,11 @@ class SessionProtocol:
         body["message_id"] = message_key
         # Conversation-scoped: a retry after rotate_session_id still finds the message.
         child_id = f"{conversation}.{message_key}"
+        # A new random id cannot meet a stored message, so this append bumps the
+        # session by exactly one version and changes nothing else of it: the
+        # cached copy is patched (WRITE_MESSAGE), and the docstore need not send
+        # the session's data back. A caller's id may be a retry: then the full path.
+        patch = message_id is None
         # One statement: bumps the session, slides its idle expiry, adds the message.
         appended = yield from self._write(
             session_id,
@@ -665,6 +673,7 @@ class SessionProtocol:
                     "parent": (self._sessions, session_id),
                     "id": child_id,
                     "parent_ttl": self._session_ttl,
+                    "parent_data": not patch,
                 },
             ),
         )
@@ -673,13 +682,14 @@ class SessionProtocol:
         if appended is None:
             yield from self._invalidate(session_id, tombstone=True, try_cache=try_cache)
             raise SessionNotFound("no such session")
-        parent_state = self._state_of(appended[0], session_id)
-        self._conversations.remember(session_id, parent_state)
+        parent = appended[0]
+        parent_state = None if patch else self._state_of(parent, session_id)
+        self._conversations.remember_key(session_id, conversation, parent.expires_at)
         message = message_from_document(appended[1], session_id)
         if message is None:
             raise SessionError(f"message document {short_hash(child_id)} is malformed")
         yield from self._refresh_after_append(
-            session_id, parent_state, message, try_cache=try_cache
+            session_id, parent, parent_state, message, try_cache=try_cache
         )
         return message
 
@@ -1702,29 +1712,47 @@ class SessionProtocol:
         )
 
     def _refresh_after_append(
-        self, session_id: str, state: SessionState, message: Message, *, try_cache: bool
+        self,
+        session_id: str,
+        parent: docstore.Document,
+        state: SessionState | None,
+        message: Message,
+        *,
+        try_cache: bool,
     ) -> Steps[None]:
-        """After an append: refresh the session copy, extend the tail, cancel fills in flight."""
+        """After an append: refresh the session copy, extend the tail, cancel fills in flight.
+
+        With `state` the copy is replaced by its encoding; without (`parent`
+        came without its data), a copy of the version before is patched.
+        """
         if not self._has_cache:
             return
-        px = self._px(state)
+        expires_at = parent.expires_at
+        px = coherence.cache_px(
+            None if expires_at is None else to_micros(expires_at), self._now_us(), self._cache_ttl
+        )
         try:
-            value = encode_session(state) if px is not None else None
+            if state is None:
+                value, patch = session_patch(parent.version, parent.updated_at, expires_at)
+            else:
+                value, patch = encode_session(state), None
             entry = encode_message(message)
         except EncodeError:
-            value = None
-        if value is None or px is None:
+            px = None
+        if px is None:
             yield from self._invalidate(session_id, tombstone=False, try_cache=try_cache)
             return
-        args = (
+        args: tuple[object, ...] = (
             value,
-            state.session.version,
+            parent.version,
             px,
             entry,
             message.seq,
             max(self._tail_size, 1),
             self._tail_bytes,
         )
+        if patch is not None:
+            args += (patch,)
         yield from self._cache_write(
             session_id, "WRITE_MESSAGE", self._keys(session_id).all(), args, try_cache=try_cache
         )

@@ -14,6 +14,7 @@ checking msgpack's output. Nothing is ever unpickled.
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 import msgpack
@@ -29,6 +30,7 @@ __all__ = [
     "DecodeError",
     "EncodeError",
     "encode_session",
+    "session_patch",
     "decode_session",
     "encode_message",
     "decode_message",
@@ -44,6 +46,8 @@ _MAX_BIGINT = 2**63 - 1
 # A deleted session: no version in the second slot, so no script ever treats
 # it as an older value it may replace.
 TOMBSTONE: bytes = msgpack.packb([FORMAT_VERSION, None], use_bin_type=True)
+# A session value's array header (eight elements) and format version.
+_SESSION_HEAD: bytes = bytes([0x90 + _SESSION_FIELDS]) + msgpack.packb(FORMAT_VERSION)
 
 
 class DecodeError(ValueError):
@@ -124,6 +128,27 @@ def encode_session(state: SessionState) -> bytes:
             None if session.expires_at is None else to_micros(session.expires_at),
         ]
     )
+
+
+def session_patch(
+    version: int, updated_at: datetime, expires_at: datetime | None
+) -> tuple[bytes, bytes]:
+    """Return what turns the cached value of a session's previous version into this
+    version's, when only these fields changed (an append; see
+    `coherence.PATCH_SESSION_LUA`): the array header, format and version, then
+    updated and expires. The result is the bytes `encode_session` would give."""
+    head = _SESSION_HEAD + _pack_one(version)
+    return head, _pack_one(to_micros(updated_at)) + _pack_one(
+        None if expires_at is None else to_micros(expires_at)
+    )
+
+
+def _pack_one(value: int | None) -> bytes:
+    try:
+        packed: bytes = msgpack.packb(value)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise EncodeError(f"cannot encode a cache value: {type(exc).__name__}") from exc
+    return packed
 
 
 def decode_session(raw: object, session_id: str) -> SessionState:

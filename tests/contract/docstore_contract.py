@@ -1539,6 +1539,25 @@ class DocumentStoreContract:
         assert ids(store.query(other, order_by="seq")) == ids(children)
         assert store.count(other, {"parent": "p"}) == 3
 
+    def test_append_without_the_parents_data(
+        self, store: DocumentStore, coll: str, other: str
+    ) -> None:
+        store.create(coll, {"title": "chat", "big": "x" * 500}, id="p")
+        pair = store.append(other, {"text": "m1"}, parent=(coll, "p"), parent_data=False)
+        assert pair is not None
+        bumped, child = pair
+        stored = store.read(coll, "p")
+        assert stored is not None and stored.data == {"title": "chat", "big": "x" * 500}
+        # Everything but the data, as the parent now is.
+        assert bumped == dataclasses.replace(stored, data={})
+        assert bumped.version == 2
+        assert child.data == {"text": "m1", "parent": "p", "seq": 1}
+        # An idempotent retry: the parent as it is, still without its data.
+        retry = store.append(
+            other, {"text": "m1"}, parent=(coll, "p"), id=child.id, parent_data=False
+        )
+        assert retry == (bumped, child)
+
     def test_append_sequences_are_per_parent(self, store: DocumentStore, coll: str) -> None:
         store.create(coll, {}, id="p1")
         store.create(coll, {}, id="p2")

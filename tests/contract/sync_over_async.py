@@ -207,10 +207,17 @@ class SyncOverAsyncStore(DocumentStore):
         id: str | None = None,
         ttl: Ttl | None = None,
         parent_ttl: Ttl | None = None,
+        parent_data: bool = True,
     ) -> tuple[Document, Document] | None:
         return self._run(
             lambda: self.async_store.append(
-                collection, data, parent=parent, id=id, ttl=ttl, parent_ttl=parent_ttl
+                collection,
+                data,
+                parent=parent,
+                id=id,
+                ttl=ttl,
+                parent_ttl=parent_ttl,
+                parent_data=parent_data,
             )
         )
 
