@@ -118,9 +118,7 @@ class _PooledScripts:
         except BaseException:
             await self.pool.release(conn)
             raise
-        if len(self._kept) < self._max_kept:
-            self._kept.append(conn)
-        else:
+        if not self._keep(conn):
             await self.pool.release(conn)
         return reply
 
@@ -145,12 +143,13 @@ class _PooledScripts:
             raise
         return conn
 
-    async def keep(self, conn: Any) -> None:
-        """Hold a connection whose replies were all read, for the next call."""
+    def _keep(self, conn: Any) -> bool:
+        """Hold a connection whose replies were all read, for the next call; False when
+        enough are kept (the caller releases it then)."""
         if len(self._kept) < self._max_kept:
             self._kept.append(conn)
-        else:
-            await self.pool.release(conn)
+            return True
+        return False
 
     async def read_reply(self, conn: Any, done: Callable[[object], None]) -> None:
         """Hand `done` the reply waiting on `conn` (or the error reading it); keep or release it."""
@@ -163,7 +162,8 @@ class _PooledScripts:
                 raise
             done(exc)
             return
-        await self.keep(conn)
+        if not self._keep(conn):
+            await self.pool.release(conn)
         done(reply)
 
     async def release(self) -> None:

@@ -1023,7 +1023,10 @@ class SessionProtocol:
         return expires_at is not None and to_micros(expires_at) <= self._now_us()
 
     def _px(self, state: SessionState) -> int | None:
-        expires_at = state.session.expires_at
+        return self._px_until(state.session.expires_at)
+
+    def _px_until(self, expires_at: datetime | None) -> int | None:
+        """How long a copy of a session expiring at `expires_at` may live in Redis."""
         return coherence.cache_px(
             None if expires_at is None else to_micros(expires_at), self._now_us(), self._cache_ttl
         )
@@ -1727,13 +1730,10 @@ class SessionProtocol:
         """
         if not self._has_cache:
             return
-        expires_at = parent.expires_at
-        px = coherence.cache_px(
-            None if expires_at is None else to_micros(expires_at), self._now_us(), self._cache_ttl
-        )
+        px = self._px_until(parent.expires_at)
         try:
             if state is None:
-                value, patch = session_patch(parent.version, parent.updated_at, expires_at)
+                value, patch = session_patch(parent.version, parent.updated_at, parent.expires_at)
             else:
                 value, patch = encode_session(state), None
             entry = encode_message(message)
