@@ -41,6 +41,7 @@ from .store import (
     Filters,
     OrderBy,
     Ttl,
+    check_flag,
     check_name,
     check_parent,
     check_restorable,
@@ -668,6 +669,7 @@ class MemoryDocumentStore(DocumentStore):
     ) -> tuple[Document, Document] | None:
         """Add a child with the parent's next `seq`, bumping the parent; None if it is missing."""
         check_name("collection", collection)
+        check_flag("parent_data", parent_data)
         parent_collection, parent_id = check_parent(parent)
         child_id = str(uuid.uuid4()) if id is None else check_name("id", id)
         child_data = self._encode(data)

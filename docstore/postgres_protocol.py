@@ -65,6 +65,7 @@ from .store import (
     Filters,
     OrderBy,
     Ttl,
+    check_flag,
     check_name,
     check_parent,
     check_restorable,
@@ -1130,6 +1131,7 @@ class PostgresProtocol:
         parent_data: bool = True,
     ) -> Steps[tuple[Document, Document] | None]:
         check_name("collection", collection)
+        check_flag("parent_data", parent_data)
         parent_collection, parent_id = check_parent(parent)
         child_id = check_name("id", id) if id is not None else new_id()
         # One encoding, with room for the "parent" and "seq" the statement adds.

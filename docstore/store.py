@@ -68,6 +68,13 @@ def check_parent(parent: object) -> tuple[str, str]:
     return check_name("parent collection", parent[0]), check_name("parent id", parent[1])
 
 
+def check_flag(name: str, value: object) -> bool:
+    """Return `value` if it is True or False, or raise InvalidDocument."""
+    if not isinstance(value, bool):
+        raise InvalidDocument(f"{name} must be True or False, not {value!r}")
+    return value
+
+
 def check_ttl(ttl: object) -> float | None:
     """Return the ttl in seconds (None for no expiry), or raise InvalidDocument."""
     if ttl is None:

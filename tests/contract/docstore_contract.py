@@ -1557,6 +1557,11 @@ class DocumentStoreContract:
             other, {"text": "m1"}, parent=(coll, "p"), id=child.id, parent_data=False
         )
         assert retry == (bumped, child)
+        with pytest.raises(InvalidDocument):
+            store.append(other, {"text": "m2"}, parent=(coll, "p"), parent_data="no")  # type: ignore[arg-type]
+        assert store.count(other) == 1  # nothing written
+        after = store.read(coll, "p")
+        assert after is not None and after.version == bumped.version  # not bumped
 
     def test_append_sequences_are_per_parent(self, store: DocumentStore, coll: str) -> None:
         store.create(coll, {}, id="p1")
