@@ -126,6 +126,10 @@ class _PooledScripts(_Scripts):
     two), then reads both replies: no round trip of its own is added, and the
     same thread's next read reaches Redis after its fill. `drain()` (from
     `stats()` and `close()`) reads every reply still waiting.
+
+    A connection whose replies were all read is kept for the next call (see
+    `_kept`) instead of going back to the pool; `release()` (from `close()`)
+    gives the kept ones back.
     """
 
     _MAX_PARKED = 16
@@ -148,15 +152,9 @@ class _PooledScripts(_Scripts):
         parked = self._take_parked() if self._parked else None
         if parked is None:
             conn: Any = self._checkout()
-            try:
-                reply = conn.retry.call_with_retry(
-                    lambda: _send_script(conn, args), lambda _error: conn.disconnect()
-                )
-            except BaseException:
-                self._pool.release(conn)
-                raise
-            self._keep(conn)
-            return reply
+            return self._run_on(
+                conn, lambda: _send_script(conn, args), lambda _error: conn.disconnect()
+            )
         conn, sock, done = parked
         waiting = [done]
 
@@ -175,6 +173,13 @@ class _PooledScripts(_Scripts):
                 waiting.pop()(error)
             conn.disconnect()
 
+        return self._run_on(conn, attempt, failed)
+
+    def _run_on(
+        self, conn: Any, attempt: Callable[[], Any], failed: Callable[[Exception], None]
+    ) -> Any:
+        """Run `attempt` on `conn` under the client's retry policy; keep `conn` after
+        (every reply read), or give it back to the pool if anything was raised."""
         try:
             reply = conn.retry.call_with_retry(attempt, failed)
         except BaseException:
